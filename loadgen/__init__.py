@@ -1,0 +1,1 @@
+"""prefixroute loadgen: trace replay and synthetic workloads against any OpenAI URL (built in the measurement issue)."""

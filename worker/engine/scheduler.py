@@ -1,0 +1,56 @@
+"""Iteration-level scheduler: each step admits waiting sequences, gives one prefill chunk the token budget
+left after every decoding sequence's one token, and never lets a request wait for another to finish."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from worker.engine.sequence import Sequence, Status
+
+
+@dataclass
+class StepPlan:
+    admitted: list[Sequence]
+    prefill: list[tuple[Sequence, int]]  # (sequence, number of prompt tokens to compute this step)
+    decode: list[Sequence]
+
+
+class Scheduler:
+    def __init__(self, max_num_seqs: int, max_batch_tokens: int):
+        self.max_num_seqs = max_num_seqs
+        self.max_batch_tokens = max_batch_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def __len__(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def plan(self) -> StepPlan:
+        admitted = []
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            admitted.append(seq)
+        decode = [s for s in self.running if not s.prefilling]
+        budget = max(self.max_batch_tokens - len(decode), 1)
+        prefill = []
+        # First come, first served: the oldest prefilling sequences take the chunk budget.
+        for seq in self.running:
+            if budget <= 0:
+                break
+            if seq.prefilling:
+                n = min(seq.num_prompt - seq.num_computed, budget)
+                prefill.append((seq, n))
+                budget -= n
+        return StepPlan(admitted, prefill, decode)

@@ -1,0 +1,251 @@
+"""The worker's OpenAI-compatible HTTP surface (aiohttp): chat and text completions, streaming or not,
+models, health and metrics. Requests become engine Sequences; events come back through an asyncio.Queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from protocol.errors import APIError
+from protocol.http import SSE_DONE, SSE_HEADERS, error_middleware, parse_model, read_json, sse
+from protocol.openai import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    make_usage,
+    new_id,
+    now,
+)
+from worker.engine.engine import Engine
+from worker.engine.loader import LoadedModel
+from worker.engine.sampling import SamplingParams
+from worker.engine.sequence import Sequence, SeqEvent
+from worker.metrics import WorkerMetrics
+from worker.settings import WorkerSettings
+
+log = logging.getLogger("prefixroute.worker")
+
+
+@dataclass
+class _Prepared:
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+class WorkerServer:
+    def __init__(self, settings: WorkerSettings, loaded: LoadedModel, engine: Engine):
+        self.settings = settings
+        self.loaded = loaded
+        self.engine = engine
+        self.tokenizer = loaded.tokenizer
+        self.vocab_size = len(self.tokenizer)
+        self.metrics = WorkerMetrics(engine)
+        self.created = now()
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[error_middleware], client_max_size=self.settings.max_body_bytes)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.prometheus)
+        return app
+
+    # ---- plain endpoints ----------------------------------------------------------------------------------
+
+    async def models(self, request: web.Request) -> web.Response:
+        card = ModelCard(id=self.loaded.name, created=self.created, max_model_len=self.loaded.max_model_len)
+        return web.json_response(ModelList(data=[card]).model_dump())
+
+    async def health(self, request: web.Request) -> web.Response:
+        alive = self.engine._thread is not None and self.engine._thread.is_alive()
+        body = {"status": "ok" if alive else "engine stopped", "running": self.engine.num_running,
+                "waiting": self.engine.num_waiting}
+        return web.json_response(body, status=200 if alive else 503)
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    # ---- completions --------------------------------------------------------------------------------------
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "chat", parse_model(ChatCompletionRequest, await read_json(request)))
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "completions", parse_model(CompletionRequest, await read_json(request)))
+
+    async def _serve(self, request: web.Request, endpoint: str,
+                     req: ChatCompletionRequest | CompletionRequest) -> web.StreamResponse:
+        started = time.monotonic()
+        try:
+            req.check_supported()
+            self._check_model(req.model)
+            prep = await asyncio.to_thread(self._prepare, req)
+            if self.engine.num_waiting >= self.settings.max_waiting:
+                raise APIError(503, "Worker is overloaded; retry later.", code="overloaded")
+        except APIError as exc:
+            self.metrics.requests.labels(endpoint, str(exc.status)).inc()
+            raise
+        events: asyncio.Queue[SeqEvent] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        seq = Sequence(prep.prompt_ids, prep.params, req.cache_salt,
+                       sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        self.engine.submit(seq)
+        stream = _EventStream(seq, events, self.metrics, started)
+        try:
+            if req.stream:
+                resp = await self._stream(request, endpoint, req, stream)
+            else:
+                resp = await self._complete(endpoint, req, stream)
+        finally:
+            if not stream.done:  # client went away or the handler failed: free the engine slot
+                self.engine.abort(seq)
+        self.metrics.requests.labels(endpoint, str(resp.status)).inc()
+        return resp
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.loaded.name:
+            raise APIError(404, f"The model '{model}' does not exist; this worker serves '{self.loaded.name}'.",
+                           param="model", code="model_not_found")
+
+    def _prepare(self, req: ChatCompletionRequest | CompletionRequest) -> _Prepared:
+        """Prompt token ids and sampling parameters, with every length check done (runs in a thread)."""
+        if isinstance(req, ChatCompletionRequest):
+            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                        for m in req.messages]
+            try:
+                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except Exception as exc:  # jinja's raise_exception() in a template: the conversation is malformed
+                raise APIError(400, f"Could not apply the chat template: {exc}", param="messages") from None
+            ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        else:
+            prompt = req.single_prompt()
+            if isinstance(prompt, str):
+                ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+            else:
+                if any(t < 0 or t >= self.vocab_size for t in prompt):
+                    raise APIError(400, f"Prompt token ids must lie in [0, {self.vocab_size}).", param="prompt")
+                ids = prompt
+        if not ids:
+            raise APIError(400, "The prompt is empty.", param="prompt")
+        ctx = self.loaded.max_model_len
+        limit = req.token_limit()
+        if len(ids) >= ctx or (limit is not None and len(ids) + limit > ctx):
+            raise APIError(
+                400,
+                f"This model's maximum context length is {ctx} tokens. However, you requested "
+                f"{len(ids) + (limit or 0)} tokens ({len(ids)} in the prompt, {limit or 0} for the completion). "
+                "Please reduce the length of the prompt or the completion.",
+                param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+                code="context_length_exceeded",
+            )
+        temperature = 1.0 if req.temperature is None else req.temperature
+        params = SamplingParams(
+            max_tokens=limit if limit is not None else ctx - len(ids),
+            temperature=temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            seed=req.seed,
+            stop=req.stop_list(),
+            stop_token_ids=self.engine.stop_token_ids,
+        )
+        return _Prepared(ids, params)
+
+    async def _complete(self, endpoint: str, req: ChatCompletionRequest | CompletionRequest,
+                        stream: _EventStream) -> web.Response:
+        parts = []
+        async for ev in stream:
+            parts.append(ev.text)
+        last = stream.last
+        if last.error:
+            return web.json_response(APIError(500, f"Generation failed: {last.error}.", code="engine_error").body(),
+                                     status=500)
+        usage = make_usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
+        text = "".join(parts)
+        if endpoint == "chat":
+            body = ChatCompletion(id=new_id("chatcmpl"), created=now(), model=self.loaded.name, usage=usage,
+                                  choices=[ChatChoice(message=AssistantMessage(content=text),
+                                                      finish_reason=last.finish_reason)])
+        else:
+            body = Completion(id=new_id("cmpl"), created=now(), model=self.loaded.name, usage=usage,
+                              choices=[CompletionChoice(text=text, finish_reason=last.finish_reason)])
+        return web.Response(text=body.model_dump_json(), content_type="application/json")
+
+    async def _stream(self, request: web.Request, endpoint: str, req: ChatCompletionRequest | CompletionRequest,
+                      stream: _EventStream) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
+        await resp.prepare(request)
+        rid, created, model = new_id("chatcmpl" if endpoint == "chat" else "cmpl"), now(), self.loaded.name
+
+        def chunk(text: str | None, finish: str | None, first: bool = False):
+            if endpoint == "chat":
+                delta = ChatDelta(role="assistant", content="") if first else ChatDelta(content=text)
+                return ChatCompletionChunk(id=rid, created=created, model=model,
+                                           choices=[ChatChunkChoice(delta=delta, finish_reason=finish)])
+            return Completion(id=rid, created=created, model=model,
+                              choices=[CompletionChoice(text=text or "", finish_reason=finish)])
+
+        if endpoint == "chat":
+            await resp.write(sse(chunk(None, None, first=True)))
+        async for ev in stream:
+            if ev.error:
+                await resp.write(sse(APIError(500, f"Generation failed: {ev.error}.", code="engine_error").body()))
+                break
+            if ev.text or ev.finished:
+                await resp.write(sse(chunk(ev.text if ev.text or endpoint != "chat" else None, ev.finish_reason)))
+        last = stream.last
+        if req.include_usage and not last.error:
+            usage = make_usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
+            if endpoint == "chat":
+                final = ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage)
+            else:
+                final = Completion(id=rid, created=created, model=model, choices=[], usage=usage)
+            await resp.write(sse(final))
+        await resp.write(SSE_DONE)
+        await resp.write_eof()
+        return resp
+
+
+class _EventStream:
+    """Iterates a sequence's events until the last one, recording metrics as they pass."""
+
+    def __init__(self, seq: Sequence, events: asyncio.Queue[SeqEvent], metrics: WorkerMetrics, started: float):
+        self.seq = seq
+        self.events = events
+        self.metrics = metrics
+        self.started = started
+        self.done = False
+        self.last: SeqEvent | None = None
+
+    async def __aiter__(self) -> AsyncIterator[SeqEvent]:
+        first = True
+        while not self.done:
+            ev = await self.events.get()
+            if first and ev.completion_tokens:
+                self.metrics.ttft.observe(time.monotonic() - self.started)
+                first = False
+            if ev.finished:
+                self.done = True
+                self.last = ev
+                if not ev.error:
+                    m = self.metrics
+                    m.prompt_tokens.inc(ev.prompt_tokens)
+                    m.cached_tokens.inc(ev.cached_tokens)
+                    m.generation_tokens.inc(ev.completion_tokens)
+                    m.e2e.observe(time.monotonic() - self.started)
+            yield ev

@@ -1,0 +1,62 @@
+"""Worker configuration: pydantic-settings (env prefix PREFIXROUTE_WORKER_) overridden by CLI flags."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PREFIXROUTE_WORKER_")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8001, ge=0, le=65535)
+    model: str | None = Field(None, description="local HF model directory or .gguf file; default: SmolLM2-135M GGUF")
+    served_model_name: str | None = None
+    worker_id: str | None = Field(None, description="name in metrics and stats; default host:port")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    block_size: int = Field(16, ge=1, le=4096)
+    cache_bytes: int | None = Field(None, ge=0, description="prefix cache budget; default: see default_cache_bytes")
+    max_num_seqs: int = Field(16, ge=1)
+    max_batch_tokens: int = Field(512, ge=16, description="tokens per engine step (decode + one prefill chunk)")
+    max_waiting: int = Field(1024, ge=0, description="queued requests beyond which new ones get 503")
+    cache_generated: bool = Field(True, description="also cache blocks of generated tokens (multi-turn hits)")
+    max_body_bytes: int = Field(32 << 20, ge=1024)
+    log_level: str = "info"
+
+    @property
+    def name(self) -> str:
+        return self.worker_id or f"{self.host}:{self.port}"
+
+
+def default_cache_bytes(device_type: str, free_device_bytes: int | None, total_ram: int) -> int:
+    """Half the free GPU memory after the model loaded (what a serving engine leaves for KV on a busy GPU);
+    on the CPU a quarter of RAM, at most 4 GiB, so several workers fit on one host."""
+    if device_type == "cuda" and free_device_bytes:
+        return free_device_bytes // 2
+    return min(total_ram // 4, 4 << 30)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> WorkerSettings:
+    p = argparse.ArgumentParser(prog="python -m worker", description="prefixroute worker (OpenAI-compatible)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--model", help="local Hugging Face model directory or .gguf file")
+    p.add_argument("--served-model-name")
+    p.add_argument("--worker-id")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--block-size", type=int)
+    p.add_argument("--cache-bytes", type=int)
+    p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--max-batch-tokens", type=int)
+    p.add_argument("--max-waiting", type=int)
+    p.add_argument("--no-cache-generated", dest="cache_generated", action="store_const", const=False)
+    p.add_argument("--log-level")
+    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    return WorkerSettings(**args)
