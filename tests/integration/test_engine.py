@@ -1,0 +1,158 @@
+"""The engine with the real SmolLM2 model: cached prefill is exact, salts isolate, eviction respects pins."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from worker.engine.engine import Engine, EngineConfig
+from worker.engine.runner import ModelRunner
+from worker.engine.sampling import SamplingParams
+from worker.engine.sequence import Sequence, SeqEvent
+
+pytestmark = pytest.mark.model
+B = 16
+
+
+class Run:
+    """One submitted sequence and the events it produced."""
+
+    def __init__(self, engine: Engine, ids: list[int], salt=None, max_tokens=12, on_event=None, ignore_eos=False):
+        self.events: list[SeqEvent] = []
+        self.done = threading.Event()
+
+        def sink(ev):
+            self.events.append(ev)
+            if on_event:
+                on_event(ev)
+            if ev.finished:
+                self.done.set()
+
+        stops = frozenset() if ignore_eos else engine.stop_token_ids
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=stops)
+        self.seq = Sequence(ids, params, salt, sink)
+        engine.submit(self.seq)
+
+    def wait(self, timeout=120) -> Run:
+        assert self.done.wait(timeout), "sequence did not finish in time"
+        assert self.events[-1].error is None
+        return self
+
+    @property
+    def last(self) -> SeqEvent:
+        return self.events[-1]
+
+
+@pytest.fixture(scope="module")
+def runner(loaded_model):
+    return ModelRunner(loaded_model)
+
+
+def make_engine(runner, **kw) -> Engine:
+    e = Engine(runner, EngineConfig(block_size=B, **kw))
+    e.start()
+    return e
+
+
+def chat_ids(tok, system: str, user: str) -> list[int]:
+    text = tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": user}],
+                                   add_generation_prompt=True, tokenize=False)
+    return tok(text, add_special_tokens=False).input_ids
+
+
+SYSTEM = "You are a careful assistant for a shipping company. " + " ".join(
+    f"Rule {i}: parcels of class {i} travel by route {i * 7 % 13}." for i in range(40))
+QUESTIONS = ["Which route does class 3 take?", "Summarize rule 12.", "What is a parcel?", "Which route does class 3 take?"]
+
+
+def shared_full_blocks(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n // B * B
+
+
+def test_cached_outputs_match_uncached_and_count_shared_blocks(runner):
+    tok = runner.loaded.tokenizer
+    prompts = [chat_ids(tok, SYSTEM, q) for q in QUESTIONS]
+    assert len(prompts[0]) > 400
+    cold = make_engine(runner, cache_bytes=0)  # nothing fits: every request is a full prefill
+    try:
+        reference = [Run(cold, p).wait() for p in prompts]
+    finally:
+        cold.stop()
+    assert all(r.last.cached_tokens == 0 for r in reference)
+
+    warm = make_engine(runner, cache_bytes=1 << 30, cache_generated=False)
+    try:
+        seen: list[list[int]] = []
+        for p, ref in zip(prompts, reference):
+            run = Run(warm, p).wait()
+            expected = max([shared_full_blocks(p, s) for s in seen] or [0])
+            expected = min(expected, (len(p) - 1) // B * B)
+            assert run.last.cached_tokens == expected
+            assert run.seq.output_ids == ref.seq.output_ids  # greedy tokens identical with and without cache
+            seen.append(p)
+        assert expected > 0  # the repeated question hits almost its whole prompt
+        assert reference[0].seq.output_ids == reference[3].seq.output_ids
+    finally:
+        warm.stop()
+
+
+def test_salt_isolates_and_generated_tokens_are_cached(runner):
+    tok = runner.loaded.tokenizer
+    ids = chat_ids(tok, SYSTEM, "Name one route.")
+    e = make_engine(runner, cache_bytes=1 << 30)
+    try:
+        first = Run(e, ids, salt="tenant-a", max_tokens=40).wait()
+        assert Run(e, ids, salt="tenant-b").wait().last.cached_tokens == 0
+        assert Run(e, ids, salt="tenant-a").wait().last.cached_tokens == (len(ids) - 1) // B * B
+        # The follow-up turn contains the first answer: its blocks were cached from the generated tokens.
+        follow = ids + first.seq.output_ids[:-1]
+        got = Run(e, follow, salt="tenant-a").wait().last.cached_tokens
+        assert got > len(ids) // B * B
+    finally:
+        e.stop()
+
+
+def test_eviction_keeps_budget_and_spares_running_requests(runner):
+    tok = runner.loaded.tokenizer
+    block_bytes = runner.kv_bytes_per_token * B
+    budget = 100 * block_bytes
+    e = make_engine(runner, cache_bytes=budget, cache_generated=False)
+    overs = []
+
+    def check(_ev):  # runs on the engine thread after every step of every request
+        if e.cache.used_bytes > budget:
+            overs.append(e.cache.used_bytes)
+
+    try:
+        a = chat_ids(tok, "Alpha. " + SYSTEM, "q")
+        b = chat_ids(tok, "Beta. " + SYSTEM[::-1], "q")
+        assert len(a) // B > 30 and len(b) // B > 30 and len(a) // B + len(b) // B > 100
+        Run(e, a, on_event=check).wait()
+        Run(e, b, on_event=check).wait()
+        assert e.cache.stats.evicted_blocks > 0
+        assert Run(e, a, on_event=check).wait().last.cached_tokens < (len(a) - 1) // B * B  # a was evicted (partly)
+
+        # A long-running request pins its blocks; another prompt that needs room cannot evict them.
+        long = Run(e, b, max_tokens=400, on_event=check, ignore_eos=True)
+        while not long.events:
+            assert not long.done.wait(0.05)
+        pinned = [blk.hash for blk in long.seq.blocks]
+        assert len(pinned) == len(b) // B  # all its prompt blocks, cached at prefill and pinned
+        checks = []
+
+        def pins_survive(ev):
+            check(ev)
+            if not long.done.is_set():
+                checks.append(all(h in e.cache for h in pinned))
+
+        Run(e, chat_ids(tok, "Gamma. " + SYSTEM.upper(), "q"), on_event=pins_survive).wait()
+        assert checks and all(checks)
+        assert e.cache.stats.rejected_blocks > 0  # gamma could not take the pinned room
+        e.abort(long.seq)
+        assert not overs and e.cache.used_bytes <= budget
+    finally:
+        e.stop()
