@@ -156,3 +156,22 @@ def test_eviction_keeps_budget_and_spares_running_requests(runner):
         assert not overs and e.cache.used_bytes <= budget
     finally:
         e.stop()
+
+
+def test_batched_decode_matches_sequences_decoded_alone(runner):
+    tok = runner.loaded.tokenizer
+    # Unequal lengths, so the batch is left-padded; staggered ends, so it is re-packed as members leave.
+    prompts = [chat_ids(tok, SYSTEM[: 200 * (i + 1)], q) for i, q in enumerate(QUESTIONS[:3])] + [
+        tok("Count: 1, 2, 3,", add_special_tokens=False).input_ids]
+    lengths = [10, 25, 40, 30]
+    e = make_engine(runner, cache_bytes=1 << 30)
+    try:
+        alone = [Run(e, p, max_tokens=n, ignore_eos=True).wait().seq.output_ids for p, n in zip(prompts, lengths)]
+        steps_before = runner.batch.steps
+        runs = [Run(e, p, max_tokens=n, ignore_eos=True) for p, n in zip(prompts, lengths)]
+        together = [r.wait().seq.output_ids for r in runs]
+    finally:
+        e.stop()
+    assert runner.batch.steps - steps_before >= 10  # decoding really was batched
+    assert runner.batch.repacks >= 3
+    assert together == alone

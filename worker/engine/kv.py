@@ -82,14 +82,16 @@ def kv_from_blocks(payloads: Sequence[torch.Tensor], num_layers: int, reserve_to
     return cache
 
 
-def block_payloads(cache: DynamicCache, start: int, end: int, block_size: int) -> list[torch.Tensor]:
-    """Contiguous [L, 2, H, B, D] tensors for the blocks covering tokens [start, end) of `cache`."""
-    keys = torch.stack([layer.keys[0, :, start:end] for layer in cache.layers])
-    values = torch.stack([layer.values[0, :, start:end] for layer in cache.layers])
-    kv = torch.stack((keys, values), dim=1)  # [L, 2, H, T, D]
-    L, _, H, T, D = kv.shape
-    per_block = kv.view(L, 2, H, T // block_size, block_size, D).permute(3, 0, 1, 2, 4, 5)
-    # clone each: a block must own its storage so that evicting it frees its bytes.
+def block_payloads(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int, end: int,
+                   block_size: int) -> list[torch.Tensor]:
+    """Contiguous [L, 2, H, B, D] tensors for the blocks covering tokens [start, end) of a sequence's KV,
+    given per layer as ([H, T, D] keys, [H, T, D] values)."""
+    keys = torch.stack([k[:, start:end] for k, _ in kv])
+    values = torch.stack([v[:, start:end] for _, v in kv])
+    both = torch.stack((keys, values), dim=1)  # [L, 2, H, T, D]
+    L, _, H, T, D = both.shape
+    per_block = both.view(L, 2, H, T // block_size, block_size, D).permute(3, 0, 1, 2, 4, 5)
+    # one copy per block: a block must own its storage so that evicting it frees its bytes.
     return [b.contiguous() for b in per_block.unbind(0)]
 
 

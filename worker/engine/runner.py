@@ -1,7 +1,7 @@
 """Model runner: runs the transformer over a sequence's new tokens on top of its KV, returns last logits.
 
-`decode` takes a list of sequences so that callers are written for batched decode; today it runs them one
-forward each (batching sequences of unequal cached lengths needs padded KV or a paged attention kernel).
+`decode` runs all decoding sequences in one forward (a left-padded batch, see batch.py); a lone sequence
+decodes on its own cache, exactly as it prefilled.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from worker.engine import kv as kvmod
+from worker.engine.batch import DecodeBatch
 from worker.engine.loader import LoadedModel
 from worker.engine.sequence import Sequence
 
@@ -26,6 +27,7 @@ class ModelRunner:
         head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         itemsize = torch.empty((), dtype=loaded.dtype).element_size()
         self.kv_bytes_per_token = 2 * self.num_layers * heads * head_dim * itemsize
+        self.batch = DecodeBatch(self.num_layers, self.device)
 
     def stop_token_ids(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -47,11 +49,13 @@ class ModelRunner:
         return out.logits[0, -1].float()
 
     def decode(self, seqs: Seq[Sequence]) -> list[torch.Tensor]:
-        return [self.forward(s, [s.output_ids[-1]]) for s in seqs]
+        self.batch.sync(seqs)
+        if len(seqs) == 1:
+            return [self.forward(seqs[0], [seqs[0].output_ids[-1]])]
+        return self.batch.step(self.model)
 
     def kv_from_blocks(self, payloads: list[torch.Tensor], reserve_tokens: int):
         return kvmod.kv_from_blocks(payloads, self.num_layers, reserve_tokens)
 
-    @staticmethod
-    def block_payloads(seq: Sequence, start: int, end: int, block_size: int) -> list[torch.Tensor]:
-        return kvmod.block_payloads(seq.kv, start, end, block_size)
+    def block_payloads(self, seq: Sequence, start: int, end: int, block_size: int) -> list[torch.Tensor]:
+        return kvmod.block_payloads(self.batch.kv_of(seq), start, end, block_size)
