@@ -8,9 +8,10 @@ import sys
 import psutil
 import torch
 from aiohttp import web
+from pydantic import ValidationError
 
 from worker.engine.engine import Engine, EngineConfig
-from worker.engine.loader import load_model
+from worker.engine.loader import ModelNotFound, load_model
 from worker.engine.runner import ModelRunner
 from worker.server import WorkerServer
 from worker.settings import WorkerSettings, default_cache_bytes, parse_args
@@ -38,15 +39,25 @@ def build(settings: WorkerSettings) -> WorkerServer:
     return WorkerServer(settings, loaded, engine)
 
 
-def main(argv: list[str] | None = None) -> None:
-    settings = parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = parse_args(argv)
+    except ValidationError as exc:
+        for err in exc.errors():
+            print(f"invalid setting {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = build(settings)
+    try:
+        server = build(settings)
+    except (ModelNotFound, ValueError, RuntimeError) as exc:
+        print(f"cannot start the worker: {exc}", file=sys.stderr)
+        return 2
     server.engine.start()
     try:
         web.run_app(server.app(), host=settings.host, port=settings.port, print=None, access_log=None)
     finally:
         server.engine.stop()
+    return 0
 
 
 if __name__ == "__main__":
