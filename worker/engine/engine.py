@@ -130,7 +130,8 @@ class Engine:
         max_blocks = (seq.num_prompt - 1) // B
         seq.blocks = self.cache.acquire_prefix(seq.prompt_ids, seq.salt, max_blocks)
         seq.num_cached_tokens = len(seq.blocks) * B
-        reserve = seq.num_prompt + seq.params.max_tokens
+        # Room for the prompt and a first stretch of output; the buffer doubles if the answer runs longer.
+        reserve = seq.num_prompt + min(seq.params.max_tokens, 256)
         seq.kv = self.runner.kv_from_blocks([b.payload for b in seq.blocks], reserve)
         seq.num_computed = seq.num_cached_tokens
         seq.sampler = Sampler(seq.params, self.runner.device)

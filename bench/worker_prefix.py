@@ -1,0 +1,272 @@
+"""Benchmark one worker's prefix cache: cold vs warm time to first token (TTFT) and decode speed.
+
+Starts `python -m worker` on a free 127.0.0.1 port (or uses `--url`), then over streaming /v1/completions with
+token-id prompts (a shared prefix of P pseudo-random ids plus a distinct suffix of S ids per request):
+
+- cold TTFT: prefix+suffix under a fresh `cache_salt` each time (verified: cached_tokens == 0);
+- warm TTFT: the prefix sent once under a fixed salt, then prefix+new suffix under it (verified: cached_tokens ==
+  the largest multiple of the block size <= P);
+- decode: one greedy request of `--decode-tokens` tokens; tok/s = (completion_tokens - 1) / (t_last - t_first).
+
+Cold and warm runs alternate so machine noise hits both alike. Prints one JSON object, then a markdown table;
+`--out DIR` also writes worker_prefix.json and worker_prefix.md. Run: python bench/worker_prefix.py [--repeats N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+HEALTH_TIMEOUT_S = 180.0
+REQUEST_TIMEOUT_S = 600.0
+DECODE_PROMPT = "Count from 1 to 1000, separated by commas: 1, 2, 3, 4, 5, 6, 7, 8,"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_worker(device: str, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    log = open(log_path, "wb")
+    cmd = [sys.executable, "-m", "worker", "--host", "127.0.0.1", "--port", str(port), "--device", device]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent)
+    log.close()  # the child holds its own descriptor
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_healthy(client: httpx.Client, url: str, proc: subprocess.Popen[bytes] | None, log_path: Path | None) -> None:
+    deadline = time.monotonic() + HEALTH_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-3000:] if log_path else ""
+            raise RuntimeError(f"worker exited with {proc.returncode} before becoming healthy:\n{tail}")
+        try:
+            if client.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"worker at {url} not healthy after {HEALTH_TIMEOUT_S:.0f} s")
+
+
+def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=20)
+
+
+def stream(client: httpx.Client, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """One streaming /v1/completions request: chunk arrival times (relative to send) and the usage."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0.0}
+    times: list[float] = []  # arrival of each chunk that carries a choice
+    usage: dict[str, Any] | None = None
+    t0 = time.perf_counter()
+    with client.stream("POST", f"{url}/v1/completions", json=body, timeout=REQUEST_TIMEOUT_S) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {resp.read().decode(errors='replace')[:500]}")
+        for line in resp.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: "):]
+            if data == "[DONE]":
+                break
+            obj = json.loads(data)
+            if "error" in obj:
+                raise RuntimeError(f"stream error: {obj['error']}")
+            if obj.get("choices"):
+                times.append(time.perf_counter() - t0)
+            if obj.get("usage"):
+                usage = obj["usage"]
+    if not times or usage is None:
+        raise RuntimeError(f"incomplete stream: {len(times)} chunks, usage={usage}")
+    return {"times": times, "ttft": times[0], "usage": usage,
+            "cached": int(usage.get("prompt_tokens_details", {}).get("cached_tokens", 0))}
+
+
+def summary(xs: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "samples": xs}
+
+
+def run(client: httpx.Client, url: str, args: argparse.Namespace) -> dict[str, Any]:
+    rng = random.Random(1234)
+    ids = lambda n: [rng.randrange(1000, 40000) for _ in range(n)]  # noqa: E731
+    models = client.get(f"{url}/v1/models", timeout=30).json()
+    model = models["data"][0]["id"]
+    prefix = ids(args.prefix_tokens)
+    base = {"model": model, "max_tokens": 1}
+    expected = (args.prefix_tokens // args.block_size) * args.block_size
+    run_tag = uuid.uuid4().hex[:8]
+
+    # Untimed: one full-size cold request (allocator, threads), then the prefix alone under the warm salt.
+    stream(client, url, {**base, "prompt": prefix + ids(args.suffix_tokens), "cache_salt": f"prime-{run_tag}"})
+    warm_salt = f"warm-{run_tag}"
+    stream(client, url, {**base, "prompt": prefix, "cache_salt": warm_salt})
+
+    cold: list[float] = []
+    warm: list[float] = []
+    warm_cached: list[int] = []
+    problems: list[str] = []
+    for i in range(args.repeats):
+        r = stream(client, url, {**base, "prompt": prefix + ids(args.suffix_tokens), "cache_salt": f"cold-{run_tag}-{i}"})
+        cold.append(r["ttft"])
+        if r["cached"] != 0:
+            problems.append(f"cold run {i}: cached_tokens={r['cached']}, expected 0")
+        r = stream(client, url, {**base, "prompt": prefix + ids(args.suffix_tokens), "cache_salt": warm_salt})
+        warm.append(r["ttft"])
+        warm_cached.append(r["cached"])
+        if r["cached"] != expected:
+            problems.append(f"warm run {i}: cached_tokens={r['cached']}, expected {expected}")
+
+    d = stream(client, url, {"model": model, "prompt": DECODE_PROMPT, "max_tokens": args.decode_tokens,
+                             "cache_salt": f"decode-{run_tag}"})
+    n_out = int(d["usage"]["completion_tokens"])
+    t = d["times"]
+    gaps = [b - a for a, b in zip(t, t[1:])]
+    decode = {
+        "prompt_tokens": int(d["usage"]["prompt_tokens"]),
+        "completion_tokens": n_out,
+        "chunks": len(t),
+        "ttft_s": t[0],
+        "tok_per_s": (n_out - 1) / (t[-1] - t[0]) if n_out > 1 and t[-1] > t[0] else None,
+        "itl_p50_s": statistics.median(gaps) if gaps else None,
+    }
+    if n_out < args.decode_tokens:
+        problems.append(f"decode stopped early: {n_out} of {args.decode_tokens} tokens")
+
+    # Batched decode: N streams at once; aggregate tokens/s over the wall time of the whole group.
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = args.concurrency
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(n) as pool:
+        group = list(pool.map(lambda i: stream(client, url, {
+            "model": model, "prompt": f"{DECODE_PROMPT} (list {i})", "max_tokens": args.decode_tokens,
+            "cache_salt": f"group-{run_tag}"}), range(n)))
+    wall = time.perf_counter() - t0
+    group_tokens = sum(int(g["usage"]["completion_tokens"]) for g in group)
+    decode["concurrency"] = n
+    decode["group_tok_per_s"] = group_tokens / wall
+    decode["group_speedup"] = decode["group_tok_per_s"] / decode["tok_per_s"] if decode["tok_per_s"] else None
+    ratio = statistics.median(warm) / statistics.median(cold)
+    return {
+        "model": model,
+        "cold_ttft_s": summary(cold),
+        "warm_ttft_s": summary(warm),
+        "warm_cached_tokens": warm_cached,
+        "expected_cached_tokens": expected,
+        "warm_cold_ratio": ratio,
+        "ratio_target": 0.05,
+        "ratio_meets_target": ratio <= 0.05,
+        "decode": decode,
+        "problems": problems,
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    r, c, m = report["results"], report["config"], report["machine"]
+    ms = lambda x: f"{x * 1000:.1f}"  # noqa: E731
+    rows = ["| metric | median | min | max |", "|---|---|---|---|"]
+    for name in ("cold", "warm"):
+        t = r[f"{name}_ttft_s"]
+        rows.append(f"| {name} TTFT (ms) | {ms(t['median'])} | {ms(t['min'])} | {ms(t['max'])} |")
+    rows += [
+        f"| warm/cold TTFT | {r['warm_cold_ratio']:.4f} (target <= {r['ratio_target']}) | | |",
+        f"| warm cached tokens | {r['warm_cached_tokens']} (expected {r['expected_cached_tokens']}) | | |",
+    ]
+    d = r["decode"]
+    tps = "n/a" if d["tok_per_s"] is None else f"{d['tok_per_s']:.1f}"
+    itl = "n/a" if d["itl_p50_s"] is None else ms(d["itl_p50_s"])
+    rows.append(f"| decode tok/s ({d['completion_tokens']} tokens) | {tps} | | |")
+    rows.append(f"| decode ITL p50 (ms) | {itl} | | |")
+    rows.append(f"| decode tok/s, {d['concurrency']} streams at once (aggregate) | {d['group_tok_per_s']:.1f} "
+                f"({d['group_speedup']:.1f}x one stream) | | |")
+    head = (f"Worker prefix cache: {r['model']} on {m['device']}, {m['cpu_count']} CPUs, torch {m['torch']}; "
+            f"prefix {c['prefix_tokens']} + suffix {c['suffix_tokens']} tokens, {c['repeats']} repeats.\n\n")
+    tail = "".join(f"\n- problem: {p}" for p in r["problems"])
+    return head + "\n".join(rows) + "\n" + tail + ("\n" if tail else "")
+
+
+def resolved_device(device: str, external: bool) -> str:
+    if external:
+        return f"unknown (external worker, --device {device} ignored)"
+    if device != "auto":
+        return device
+    import torch  # only to tell what 'auto' picks, as the worker does
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--url", help="benchmark an already running worker (http://127.0.0.1:PORT) instead of starting one")
+    p.add_argument("--device", default="auto", help="passed to the started worker: auto, cpu, cuda, cuda:N")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--prefix-tokens", type=int, default=2000)
+    p.add_argument("--suffix-tokens", type=int, default=16)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=8, help="streams decoding at once for the batched figure")
+    p.add_argument("--block-size", type=int, default=16, help="the worker's block size (for the expected hit)")
+    p.add_argument("--out", type=Path, help="directory for worker_prefix.json and worker_prefix.md")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.prefix_tokens < 1 or args.suffix_tokens < 1 or args.decode_tokens < 2:
+        p.error("repeats, prefix-tokens and suffix-tokens must be >= 1, decode-tokens >= 2")
+    url = args.url.rstrip("/") if args.url else None
+    if url and not url.startswith(("http://127.0.0.1", "http://localhost")):
+        p.error("--url must point at 127.0.0.1")
+
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    client = httpx.Client(trust_env=False)  # no proxies: only 127.0.0.1 is ever contacted
+    try:
+        if url is None:
+            log_path = Path(tempfile.mkdtemp(prefix="bench_wp_")) / "worker.log"
+            proc, url = start_worker(args.device, log_path)
+        wait_healthy(client, url, proc, log_path)
+        results = run(client, url, args)
+    finally:
+        client.close()
+        if proc is not None:
+            stop_worker(proc)
+
+    report = {
+        "benchmark": "worker_prefix",
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+                    "torch": importlib.metadata.version("torch"), "device": resolved_device(args.device, bool(args.url))},
+        "config": {k: getattr(args, k) for k in ("repeats", "prefix_tokens", "suffix_tokens", "decode_tokens",
+                                                 "block_size")} | {"url": args.url, "worker_log": str(log_path)},
+        "results": results,
+    }
+    text = json.dumps(report, indent=2)
+    md = markdown(report)
+    print(text + "\n\n" + md)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "worker_prefix.json").write_text(text + "\n")
+        (args.out / "worker_prefix.md").write_text(md)
+    return 1 if results["problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
