@@ -1,1 +1,1 @@
-"""prefixroute router: the cache-aware OpenAI-compatible front door (built in the router issue)."""
+"""prefixroute router: the cache-aware OpenAI-compatible front door in front of the workers."""

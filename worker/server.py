@@ -13,6 +13,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from protocol.errors import APIError
+from protocol.prompt import prompt_text
 from protocol.http import SSE_DONE, SSE_HEADERS, error_middleware, parse_model, read_json, sse
 from protocol.openai import (
     AssistantMessage,
@@ -125,22 +126,13 @@ class WorkerServer:
 
     def _prepare(self, req: ChatCompletionRequest | CompletionRequest) -> _Prepared:
         """Prompt token ids and sampling parameters, with every length check done (runs in a thread)."""
-        if isinstance(req, ChatCompletionRequest):
-            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                        for m in req.messages]
-            try:
-                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            except Exception as exc:  # jinja's raise_exception() in a template: the conversation is malformed
-                raise APIError(400, f"Could not apply the chat template: {exc}", param="messages") from None
-            ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        prompt = prompt_text(self.tokenizer, req)
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
         else:
-            prompt = req.single_prompt()
-            if isinstance(prompt, str):
-                ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
-            else:
-                if any(t < 0 or t >= self.vocab_size for t in prompt):
-                    raise APIError(400, f"Prompt token ids must lie in [0, {self.vocab_size}).", param="prompt")
-                ids = prompt
+            if any(t < 0 or t >= self.vocab_size for t in prompt):
+                raise APIError(400, f"Prompt token ids must lie in [0, {self.vocab_size}).", param="prompt")
+            ids = prompt
         if not ids:
             raise APIError(400, "The prompt is empty.", param="prompt")
         ctx = self.loaded.max_model_len

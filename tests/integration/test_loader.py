@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from worker.engine.engine import Engine, EngineConfig
-from worker.engine.loader import ModelNotFound, default_model_path, load_model, served_name
+from protocol.modelfiles import ModelNotFound, default_model_path, served_name
+from worker.engine.loader import load_model
 from worker.engine.runner import ModelRunner
 from worker.engine.sampling import SamplingParams
 from worker.engine.sequence import Sequence

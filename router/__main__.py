@@ -1,0 +1,41 @@
+"""`python -m router`: load the served model's tokenizer, probe the workers and serve the OpenAI API."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from protocol.modelfiles import ModelNotFound, load_tokenizer, resolve_model_path
+from router.app import Router
+from router.settings import parse_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = parse_args(argv)
+    except ValidationError as exc:
+        for err in exc.errors():
+            print(f"invalid setting {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"cannot read the configuration: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        tokenizer = load_tokenizer(resolve_model_path(settings.model))
+        router = Router(settings, tokenizer)
+    except (ModelNotFound, ValueError) as exc:
+        print(f"cannot start the router: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger("prefixroute.router").info(
+        "policy %s, %d worker(s), %s mode", settings.policy, len(settings.workers),
+        "open" if settings.open_mode else f"{len(settings.tenants)} tenant(s)")
+    web.run_app(router.app(), host=settings.host, port=settings.port, print=None, access_log=None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The router's aiohttp application: the OpenAI surface in front of the pool, the admin API, health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+
+import httpx
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field, ValidationError
+
+from protocol.errors import APIError
+from protocol.http import error_middleware, parse_model, read_json
+from protocol.openai import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now
+from router.metrics import RouterMetrics
+from router.policies import Policy, make_policy
+from router.prefix import PrefixKeyer
+from router.proxy import Proxy
+from router.settings import RouterSettings
+from router.tenants import Tenants, check_admin
+from router.workers import WorkerPool
+
+log = logging.getLogger("prefixroute.router")
+
+
+class _WorkerBody(BaseModel):
+    url: str
+    weight: int = Field(1, ge=1, le=100)
+
+
+class Router:
+    def __init__(self, settings: RouterSettings, tokenizer, policy: Policy | None = None):
+        self.settings = settings
+        self.pool = WorkerPool(settings.vnodes, settings.fail_threshold)
+        for w in settings.workers:
+            self.pool.add(w.url, w.weight)
+        self.policy = policy or make_policy(settings)
+        self.keyer = PrefixKeyer(tokenizer, settings.prefix_tokens)
+        self.tenants = Tenants(settings.tenants, settings.open_tenant_secret.get_secret_value())
+        self.admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
+        self.metrics = RouterMetrics(self.pool)
+        self.client: httpx.AsyncClient | None = None
+        self.proxy: Proxy | None = None
+        self._health_task: asyncio.Task | None = None
+        self.created = now()
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[error_middleware], client_max_size=self.settings.max_body_bytes)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.prometheus)
+        app.router.add_get("/admin/workers", self.admin_list)
+        app.router.add_post("/admin/workers", self.admin_add)
+        app.router.add_delete("/admin/workers", self.admin_remove)
+        app.router.add_post("/admin/workers/drain", self.admin_drain)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    async def _start(self, app: web.Application) -> None:
+        s = self.settings
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(s.request_timeout_s, connect=s.connect_timeout_s),
+            limits=httpx.Limits(max_connections=s.max_connections, max_keepalive_connections=s.max_connections),
+            trust_env=False,
+        )
+        self.proxy = Proxy(self.client, self.pool, self.metrics, s.max_failover)
+        await self.pool.probe_all(self.client, s.health_timeout_s)
+        self._health_task = asyncio.create_task(
+            self.pool.health_loop(self.client, s.health_interval_s, s.health_timeout_s))
+
+    async def _stop(self, app: web.Application) -> None:
+        if self._health_task:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        if self.client:
+            await self.client.aclose()
+
+    # ---- OpenAI surface -----------------------------------------------------------------------------------
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._route(request, "/v1/chat/completions", ChatCompletionRequest)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._route(request, "/v1/completions", CompletionRequest)
+
+    async def _route(self, request: web.Request, path: str, model_cls) -> web.StreamResponse:
+        try:
+            tenant = self.tenants.authenticate(request.headers.get("Authorization"))
+            obj = await read_json(request)
+            req = parse_model(model_cls, obj)
+            req.check_supported()
+            known = self.pool.models()
+            if req.model is not None and known and req.model not in known:
+                raise APIError(404, f"The model '{req.model}' does not exist.", param="model", code="model_not_found")
+            if not self.pool.active:
+                raise APIError(503, "No healthy worker is available.", code="no_healthy_worker")
+            keys = self.keyer.keys(tenant, req, request.headers.get("x-session-id"))
+        except APIError as exc:
+            self.metrics.rejected.labels(str(exc.status)).inc()
+            raise
+        except web.HTTPException as exc:  # 413 from the body size limit
+            self.metrics.rejected.labels(str(exc.status)).inc()
+            raise
+        m = self.metrics
+        m.tokenize.observe(keys.tokenize_s)
+        m.prefix_tokens.observe(keys.prefix_tokens)
+        decision = self.policy.choose(keys, self.pool)
+        m.fanout.observe(decision.fanout)
+        if decision.fanout > 1:
+            m.spills.inc()
+        obj["cache_salt"] = tenant.cache_salt(obj.get("cache_salt") if isinstance(obj.get("cache_salt"), str) else None)
+        body = json.dumps(obj, separators=(",", ":")).encode()
+        return await self.proxy.forward(request, path, body, decision, {"x-prefixroute-key": keys.short})
+
+    async def models(self, request: web.Request) -> web.Response:
+        self.tenants.authenticate(request.headers.get("Authorization"))
+        cards = [ModelCard(id=m, created=self.created) for m in self.pool.models()]
+        return web.json_response(ModelList(data=cards).model_dump())
+
+    async def health(self, request: web.Request) -> web.Response:
+        n = len(self.pool.active)
+        return web.json_response({"status": "ok" if n else "no healthy worker", "workers": n},
+                                 status=200 if n else 503)
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    # ---- admin --------------------------------------------------------------------------------------------
+
+    def _admin(self, request: web.Request) -> None:
+        check_admin(request.headers.get("Authorization"), self.admin_key)
+
+    def _listing(self) -> dict:
+        return {"workers": [{"url": w.url, "weight": w.weight, "healthy": w.healthy, "draining": w.draining,
+                             "inflight": w.inflight, "models": w.models} for w in self.pool.workers.values()]}
+
+    async def _worker_body(self, request: web.Request) -> _WorkerBody:
+        try:
+            body = _WorkerBody.model_validate(await read_json(request))
+            body.url = body.url.strip()
+            from router.workers import normalize_url
+            normalize_url(body.url)
+            return body
+        except (ValidationError, ValueError) as exc:
+            raise APIError(422, f"Invalid worker: {exc}", param="url", code="invalid_worker") from None
+
+    async def admin_list(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        return web.json_response(self._listing())
+
+    async def admin_add(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        body = await self._worker_body(request)
+        w = self.pool.add(body.url, body.weight)
+        await self.pool.probe(self.client, w, self.settings.health_timeout_s)
+        return web.json_response(self._listing(), status=201)
+
+    async def admin_remove(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        body = await self._worker_body(request)
+        if not self.pool.remove(body.url):
+            raise APIError(404, f"No worker {body.url}.", param="url", code="unknown_worker")
+        return web.json_response(self._listing())
+
+    async def admin_drain(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        body = await self._worker_body(request)
+        if not self.pool.drain(body.url):
+            raise APIError(404, f"No worker {body.url}.", param="url", code="unknown_worker")
+        return web.json_response(self._listing())

@@ -1,0 +1,54 @@
+"""Prometheus metrics of the router. Labels carry route decisions, statuses and worker URLs only:
+never prompt text, routing keys, tenants' secrets or API keys."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from router.workers import WorkerPool
+
+_FAST_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05)
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class _PoolCollector(Collector):
+    def __init__(self, pool: WorkerPool):
+        self.pool = pool
+
+    def collect(self) -> Iterator:
+        inflight = GaugeMetricFamily("prefixroute_router_inflight", "Requests in flight per worker", labels=["worker"])
+        healthy = GaugeMetricFamily("prefixroute_router_worker_up", "1 if the worker is on the ring",
+                                    labels=["worker"])
+        for w in list(self.pool.workers.values()):
+            inflight.add_metric([w.name], w.inflight)
+            healthy.add_metric([w.name], 1 if w.usable else 0)
+        yield inflight
+        yield healthy
+        yield GaugeMetricFamily("prefixroute_router_workers_active", "Workers on the ring", value=len(self.pool.active))
+
+
+class RouterMetrics:
+    def __init__(self, pool: WorkerPool):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("prefixroute_router_requests", "Requests by route decision, worker and status",
+                                ["route", "worker", "status"], registry=r)
+        self.rejected = Counter("prefixroute_router_rejected", "Requests answered by the router itself",
+                                ["status"], registry=r)
+        self.spills = Counter("prefixroute_router_spills", "Requests of keys spread over more than one worker",
+                              registry=r)
+        self.fanout = Histogram("prefixroute_router_spill_fanout", "Workers a request's key was spread over",
+                                buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), registry=r)
+        self.upstream_latency = Histogram("prefixroute_router_upstream_latency_seconds",
+                                          "Time from forwarding to the worker's response headers", ["worker"],
+                                          buckets=_LATENCY_BUCKETS, registry=r)
+        self.upstream_errors = Counter("prefixroute_router_upstream_errors", "Failed upstream attempts",
+                                       ["worker", "kind"], registry=r)
+        self.tokenize = Histogram("prefixroute_router_tokenize_seconds", "Prefix render + tokenize + hash time",
+                                  buckets=_FAST_BUCKETS, registry=r)
+        self.prefix_tokens = Histogram("prefixroute_router_prefix_tokens", "Tokens hashed into the routing key",
+                                       buckets=(16, 32, 64, 128, 256, 512, 1024), registry=r)
+        r.register(_PoolCollector(pool))

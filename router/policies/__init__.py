@@ -1,0 +1,21 @@
+"""Routing policies: one interface (base.Policy), one module per policy, `make_policy` picks by name."""
+
+from __future__ import annotations
+
+from router.policies.base import Decision, Policy, PoolView
+from router.policies.cache_aware import CacheAware
+from router.policies.consistent_hash import ConsistentHash
+from router.policies.least_loaded import LeastLoaded
+from router.policies.random import RandomPolicy
+from router.policies.round_robin import RoundRobin
+from router.settings import RouterSettings
+
+__all__ = ["Decision", "Policy", "PoolView", "make_policy"]
+
+
+def make_policy(settings: RouterSettings) -> Policy:
+    if settings.policy == "cache_aware":
+        return CacheAware(settings.spill_rpm, settings.load_factor, settings.load_slack, settings.rate_window_s,
+                          settings.max_tracked_keys)
+    return {"consistent_hash": ConsistentHash, "round_robin": RoundRobin, "least_loaded": LeastLoaded,
+            "random": RandomPolicy}[settings.policy]()

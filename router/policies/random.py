@@ -1,0 +1,20 @@
+"""random: a uniformly random usable worker."""
+
+from __future__ import annotations
+
+import random
+
+from router.policies.base import Decision, PoolView, rotate_after
+from router.prefix import RouteKeys
+
+
+class RandomPolicy:
+    name = "random"
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._rng = random.Random(seed)
+
+    def choose(self, keys: RouteKeys, pool: PoolView) -> Decision:
+        names = pool.active
+        chosen = self._rng.choice(names)
+        return Decision(chosen, self.name, rotate_after(names, chosen))

@@ -1,0 +1,87 @@
+"""Per-key request rates over a sliding window, in O(1) per request and bounded memory.
+
+Each key keeps counts in `buckets` time slices covering the window; the total over all keys is kept the
+same way, so a key's share of the traffic is one division. Keys idle for a whole window are dropped, and
+at most `max_keys` are tracked (least recently seen dropped first).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+
+class WindowCounter:
+    __slots__ = ("counts", "epochs", "total")
+
+    def __init__(self, buckets: int):
+        self.counts = [0] * buckets
+        self.epochs = [-1] * buckets  # which time slice each bucket currently counts
+        self.total = 0
+
+    def add(self, epoch: int, n: int = 1) -> None:
+        self.expire(epoch)
+        i = epoch % len(self.counts)
+        self.counts[i] += n
+        self.total += n
+
+    def expire(self, epoch: int) -> None:
+        b = len(self.counts)
+        for i in range(b):
+            if self.counts[i] and self.epochs[i] <= epoch - b:
+                self.total -= self.counts[i]
+                self.counts[i] = 0
+        i = epoch % b
+        if self.epochs[i] != epoch:
+            self.total -= self.counts[i]
+            self.counts[i] = 0
+            self.epochs[i] = epoch
+
+
+class RateTable:
+    def __init__(self, window_s: float = 60.0, buckets: int = 12, max_keys: int = 100_000,
+                 clock: Callable[[], float] = time.monotonic):
+        self.window_s = window_s
+        self.slice_s = window_s / buckets
+        self.buckets = buckets
+        self.max_keys = max_keys
+        self.clock = clock
+        self._keys: OrderedDict[bytes, WindowCounter] = OrderedDict()
+        self._all = WindowCounter(buckets)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def _epoch(self) -> int:
+        return int(self.clock() // self.slice_s)
+
+    def hit(self, key: bytes) -> tuple[float, float]:
+        """Count one request for `key`; returns (its rate in requests/minute, its share of all requests)."""
+        e = self._epoch()
+        c = self._keys.get(key)
+        if c is None:
+            self._trim(e, room_for_one=True)
+            c = self._keys[key] = WindowCounter(self.buckets)
+        else:
+            self._keys.move_to_end(key)
+        c.add(e)
+        self._all.add(e)
+        return c.total * 60.0 / self.window_s, c.total / self._all.total
+
+    def rate(self, key: bytes) -> float:
+        c = self._keys.get(key)
+        if c is None:
+            return 0.0
+        c.expire(self._epoch())
+        return c.total * 60.0 / self.window_s
+
+    def _trim(self, epoch: int, room_for_one: bool = False) -> None:
+        # Drop idle keys from the cold end (amortized O(1): each key is dropped once), then enforce the cap.
+        cap = self.max_keys - (1 if room_for_one else 0)
+        while self._keys:
+            k, c = next(iter(self._keys.items()))
+            c.expire(epoch)
+            if c.total and len(self._keys) <= cap:
+                break
+            del self._keys[k]

@@ -1,0 +1,122 @@
+"""Router configuration: CLI flags > env (PREFIXROUTE_ROUTER_*) > an optional YAML/TOML file > defaults."""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+PolicyName = Literal["cache_aware", "consistent_hash", "round_robin", "least_loaded", "random"]
+POLICIES: tuple[str, ...] = PolicyName.__args__  # type: ignore[attr-defined]
+
+
+class TenantConfig(BaseModel):
+    id: str
+    api_key: SecretStr
+    # Keys routing and the upstream cache salt. Tenants sharing a secret share cache blocks: that is the
+    # explicit opt-in; by default every tenant's secret differs.
+    secret: SecretStr
+
+
+class WorkerConfig(BaseModel):
+    url: str
+    weight: int = Field(1, ge=1, le=100)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    text = p.read_text()
+    data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: the top level must be a mapping")
+    return data
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    path: str | None = None
+
+    def get_field_value(self, field, field_name):  # not used: __call__ returns everything at once
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return load_config_file(self.path) if self.path else {}
+
+
+class RouterSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PREFIXROUTE_ROUTER_", env_nested_delimiter="__")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: list[WorkerConfig] = Field(default_factory=list)
+    policy: PolicyName = "cache_aware"
+    model: str | None = Field(None, description="tokenizer/chat template source; default: the worker's default")
+    # routing key
+    prefix_tokens: int = Field(256, ge=1, le=32768, description="P: tokens of the stable prefix that are hashed")
+    # cache_aware
+    vnodes: int = Field(160, ge=1, le=4096, description="virtual nodes per unit of weight")
+    spill_rpm: float = Field(15.0, gt=0, description="R: requests/minute per key before it spills")
+    rate_window_s: float = Field(60.0, gt=0)
+    max_tracked_keys: int = Field(100_000, ge=16)
+    load_factor: float = Field(1.25, ge=1.0, description="c: a worker above c x mean + s in-flight is passed over")
+    load_slack: float = Field(4.0, ge=0.0, description="s")
+    # tenants
+    tenants: list[TenantConfig] = Field(default_factory=list)
+    open_tenant_secret: SecretStr = Field(SecretStr("prefixroute-open"), description="the one tenant of open mode")
+    admin_key: SecretStr | None = None
+    # upstream
+    health_interval_s: float = Field(2.0, gt=0)
+    health_timeout_s: float = Field(2.0, gt=0)
+    fail_threshold: int = Field(2, ge=1, description="consecutive failed probes before a worker leaves the ring")
+    connect_timeout_s: float = Field(3.0, gt=0)
+    request_timeout_s: float = Field(600.0, gt=0)
+    max_failover: int = Field(2, ge=0, description="other workers tried when one fails before streaming")
+    max_connections: int = Field(1024, ge=1)
+    max_body_bytes: int = Field(32 << 20, ge=1024)
+    log_level: str = "info"
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        return init_settings, env_settings, _FileSource(settings_cls)
+
+    @property
+    def open_mode(self) -> bool:
+        return not self.tenants
+
+
+def load_settings(cli: dict[str, Any], config_file: str | None) -> RouterSettings:
+    _FileSource.path = config_file
+    try:
+        return RouterSettings(**cli)
+    finally:
+        _FileSource.path = None
+
+
+def parse_args(argv: Sequence[str] | None = None) -> RouterSettings:
+    p = argparse.ArgumentParser(prog="python -m router", description="prefixroute cache-aware router")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--worker", action="append", dest="workers", metavar="URL", help="repeat for each worker")
+    p.add_argument("--policy", choices=POLICIES)
+    p.add_argument("--config", help="YAML or TOML file with any of the settings (tenants, workers, ...)")
+    p.add_argument("--model", help="tokenizer source: local HF model directory or .gguf (default: the worker's)")
+    p.add_argument("--prefix-tokens", type=int)
+    p.add_argument("--spill-rpm", type=float)
+    p.add_argument("--load-factor", type=float)
+    p.add_argument("--load-slack", type=float)
+    p.add_argument("--admin-key")
+    p.add_argument("--log-level")
+    ns = vars(p.parse_args(argv))
+    config = ns.pop("config")
+    cli = {k: v for k, v in ns.items() if v is not None}
+    if "workers" in cli:
+        cli["workers"] = [{"url": u} for u in cli["workers"]]
+    return load_settings(cli, config)

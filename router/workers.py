@@ -1,0 +1,163 @@
+"""The worker pool: membership (static + admin API), health (active probes, passive failures), draining,
+and in-flight counts kept incrementally so that a decision never sums over workers.
+
+Only healthy, non-draining workers are on the ring; when one leaves, only the keys it owned move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import httpx
+
+from router.ring import Ring
+
+log = logging.getLogger("prefixroute.router.workers")
+
+
+@dataclass(eq=False)
+class Worker:
+    url: str
+    weight: int = 1
+    healthy: bool = False
+    draining: bool = False
+    inflight: int = 0
+    fails: int = 0
+    models: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.url
+
+    @property
+    def usable(self) -> bool:
+        return self.healthy and not self.draining
+
+
+def normalize_url(url: str) -> str:
+    u = httpx.URL(url)
+    if u.scheme not in ("http", "https") or not u.host:
+        raise ValueError(f"worker URL must be http(s)://host[:port], got {url!r}")
+    return str(u).rstrip("/")
+
+
+class WorkerPool:
+    def __init__(self, vnodes: int = 160, fail_threshold: int = 2):
+        self.ring = Ring(vnodes)
+        self.fail_threshold = fail_threshold
+        self.workers: dict[str, Worker] = {}
+        self.active: list[str] = []
+        self.total_inflight = 0
+        self.on_change: list = []  # callbacks after membership or health changes (metrics)
+
+    # ---- PoolView -----------------------------------------------------------------------------------------
+
+    def inflight(self, name: str) -> int:
+        w = self.workers.get(name)
+        return w.inflight if w else 0
+
+    # ---- membership ---------------------------------------------------------------------------------------
+
+    def add(self, url: str, weight: int = 1) -> Worker:
+        url = normalize_url(url)
+        w = self.workers.get(url)
+        if w is None:
+            w = self.workers[url] = Worker(url, weight)
+        else:
+            w.weight, w.draining = weight, False
+        self._rebuild()
+        return w
+
+    def remove(self, url: str) -> bool:
+        w = self.workers.pop(normalize_url(url), None)
+        if w is not None:
+            self._rebuild()
+        return w is not None
+
+    def drain(self, url: str) -> bool:
+        w = self.workers.get(normalize_url(url))
+        if w is None:
+            return False
+        w.draining = True
+        self._rebuild()
+        return True
+
+    def _rebuild(self) -> None:
+        self.active = [n for n, w in self.workers.items() if w.usable]
+        self.ring.set_members({n: self.workers[n].weight for n in self.active})
+        for cb in self.on_change:
+            cb()
+
+    # ---- in-flight ----------------------------------------------------------------------------------------
+
+    def acquire(self, name: str) -> None:
+        w = self.workers.get(name)
+        if w is not None:
+            w.inflight += 1
+            self.total_inflight += 1
+
+    def release(self, name: str) -> None:
+        w = self.workers.get(name)
+        if w is not None and w.inflight > 0:
+            w.inflight -= 1
+            self.total_inflight -= 1
+
+    # ---- health -------------------------------------------------------------------------------------------
+
+    def mark_failed(self, name: str, immediate: bool = False) -> None:
+        """Passive detection: a refused connection takes the worker out at once; other errors count."""
+        w = self.workers.get(name)
+        if w is None:
+            return
+        w.fails = max(w.fails + 1, self.fail_threshold if immediate else 0)
+        if w.healthy and w.fails >= self.fail_threshold:
+            log.warning("worker %s leaves the ring (failures)", name)
+            w.healthy = False
+            self._rebuild()
+
+    def mark_ok(self, name: str, models: list[str] | None = None) -> None:
+        w = self.workers.get(name)
+        if w is None:
+            return
+        w.fails = 0
+        if models is not None:
+            w.models = models
+        if not w.healthy:
+            log.info("worker %s joins the ring", name)
+            w.healthy = True
+            self._rebuild()
+
+    async def probe(self, client: httpx.AsyncClient, w: Worker, timeout: float) -> None:
+        try:
+            r = await client.get(w.url + "/health", timeout=timeout)
+            ok = r.status_code == 200
+            models = None
+            if ok and (not w.healthy or not w.models):
+                m = await client.get(w.url + "/v1/models", timeout=timeout)
+                models = [d["id"] for d in m.json().get("data", [])] if m.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, KeyError):
+            ok = False
+        if ok:
+            self.mark_ok(w.name, models)
+        else:
+            self.mark_failed(w.name)
+
+    async def probe_all(self, client: httpx.AsyncClient, timeout: float) -> None:
+        await asyncio.gather(*(self.probe(client, w, timeout) for w in list(self.workers.values())))
+
+    async def health_loop(self, client: httpx.AsyncClient, interval: float, timeout: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.probe_all(client, timeout)
+            except Exception:  # the loop must survive anything a probe does
+                log.exception("health round failed")
+
+    def models(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for n in self.active:
+            for m in self.workers[n].models:
+                seen.setdefault(m)
+        return list(seen)

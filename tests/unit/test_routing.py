@@ -1,0 +1,130 @@
+"""Routing properties (hypothesis): stability, minimal remapping, spill growth and shrink, session
+stickiness, bounded load, fleet-wide spread of a dominant key."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from router.policies.cache_aware import CacheAware
+from router.policies.consistent_hash import ConsistentHash
+from router.prefix import RouteKeys
+from router.rate import RateTable
+from router.ring import jump_hash
+from router.workers import WorkerPool
+
+
+def pool_of(n: int) -> WorkerPool:
+    pool = WorkerPool(vnodes=160)
+    for i in range(n):
+        pool.add(f"http://127.0.0.1:{9000 + i}")
+        pool.mark_ok(f"http://127.0.0.1:{9000 + i}")
+    return pool
+
+
+def keys(i: int, session: int = 0) -> RouteKeys:
+    k = hashlib.blake2b(f"key{i}".encode(), digest_size=16).digest()
+    s = hashlib.blake2b(f"session{session}".encode(), digest_size=16).digest()
+    return RouteKeys(k, s, 256, 0.0)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 40), st.integers(0, 10**6))
+def test_a_key_always_maps_to_the_same_worker(n, key):
+    pool = pool_of(n)
+    ch, ca = ConsistentHash(), CacheAware()
+    first = ch.choose(keys(key), pool).worker
+    for _ in range(5):
+        assert ch.choose(keys(key), pool).worker == first
+        d = ca.choose(keys(key), pool)  # 6 requests/minute: below R, so it stays home
+        assert d.worker == first and d.reason == "affinity"
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(3, 32), st.data())
+def test_removing_one_worker_moves_few_keys(n, data):
+    pool = pool_of(n)
+    ch = ConsistentHash()
+    before = [ch.choose(keys(i), pool).worker for i in range(10_000)]
+    gone = data.draw(st.sampled_from(pool.active))
+    pool.remove(gone)
+    after = [ch.choose(keys(i), pool).worker for i in range(10_000)]
+    moved = sum(a != b for a, b in zip(before, after))
+    assert moved <= (1 / n + 0.05) * 10_000
+    assert all(b == a for a, b in zip(before, after) if a != gone)  # only the removed worker's keys move
+
+
+def test_spill_fanout_grows_with_rate_and_shrinks_back():
+    clock = Clock()
+    policy = CacheAware(spill_rpm=15, rates=RateTable(window_s=60, clock=clock))
+    pool = pool_of(16)
+    other = 0
+    fanouts = []
+    for rpm in (10, 40, 100, 200):  # one minute at each rate, with background keys so share stays small
+        for j in range(rpm):
+            clock.t += 60 / rpm
+            d = policy.choose(keys(1, session=j), pool)
+            for _ in range(3):
+                other += 1
+                policy.choose(keys(10_000 + other), pool)
+        fanouts.append(d.fanout)
+    assert fanouts[0] == 1 and fanouts == sorted(fanouts) and fanouts[-1] >= math.ceil(200 / 15) - 1
+    clock.t += 120  # the key goes quiet: its window empties and it is home again
+    d = policy.choose(keys(1), pool)
+    assert d.fanout == 1 and d.worker == pool.ring.order(keys(1).key)[0]
+
+
+def test_every_turn_of_a_session_stays_on_one_spill_worker():
+    clock = Clock()
+    policy = CacheAware(spill_rpm=15, rates=RateTable(clock=clock))
+    pool = pool_of(8)
+    placements: dict[int, set[str]] = {}
+    for turn in range(6):
+        for session in range(40):  # 240 requests/minute on one key: it spills over all 8
+            clock.t += 0.25
+            d = policy.choose(keys(7, session=session), pool)
+            if turn >= 1:  # after the first minute the fan-out has settled
+                placements.setdefault(session, set()).add(d.worker)
+    assert all(len(ws) == 1 for ws in placements.values())
+    assert len({w for ws in placements.values() for w in ws}) >= 6  # and the sessions use the fleet
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(4, 32), st.integers(50, 400), st.floats(1.1, 2.0), st.floats(0, 8))
+def test_bounded_load_caps_in_flight(n, burst, c, s):
+    pool = pool_of(n)
+    policy = CacheAware(load_factor=c, load_slack=s, rates=RateTable(clock=Clock()))
+    for i in range(burst):  # a burst on few keys; nothing finishes
+        d = policy.choose(keys(i % 3, session=i), pool)
+        pool.acquire(d.worker)
+        assert pool.inflight(d.worker) <= math.ceil(c * pool.total_inflight / n) + s
+    assert max(pool.inflight(w) for w in pool.active) <= math.ceil(c * burst / n) + s
+
+
+def test_a_key_with_all_the_traffic_spreads_over_all_workers():
+    clock = Clock()
+    policy = CacheAware(rates=RateTable(clock=clock))
+    pool = pool_of(32)
+    used = set()
+    for i in range(2000):  # 2000 requests in 100 s on a single key, 500 sessions
+        clock.t += 0.05
+        d = policy.choose(keys(0, session=i % 500), pool)
+        used.add(d.worker)
+    assert d.fanout == 32 and len(used) == 32
+
+
+@given(st.integers(0, 2**64 - 1), st.integers(1, 64))
+def test_jump_hash_moves_only_into_the_new_bucket(key, n):
+    a, b = jump_hash(key, n), jump_hash(key, n + 1)
+    assert 0 <= a < n and (b == a or b == n)
