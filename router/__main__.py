@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot read the configuration: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe otherwise
     try:
         tokenizer = load_tokenizer(resolve_model_path(settings.model))
         router = Router(settings, tokenizer)

@@ -22,13 +22,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 240.0) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 240.0, path: str = "/health") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before becoming healthy")
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
+            if httpx.get(url + path, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -44,6 +44,23 @@ def start_worker(*args: str, env: dict[str, str] | None = None, log_path: Path |
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc)
+    except Exception:
+        proc.kill()
+        raise
+    return url, proc
+
+
+def start_router(workers: list[str], *args: str, env: dict[str, str] | None = None,
+                 wait_path: str = "/health") -> tuple[str, subprocess.Popen]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", str(port), *args]
+    for w in workers:
+        cmd += ["--worker", w]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, timeout=120, path=wait_path)
     except Exception:
         proc.kill()
         raise
