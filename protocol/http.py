@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+
+import orjson
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -48,8 +50,8 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     if not raw:
         raise APIError(400, "Request body is empty; a JSON object is required.", code="invalid_json")
     try:
-        obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
         raise APIError(400, f"Request body is not valid JSON: {exc}.", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise APIError(400, "Request body must be a JSON object.", code="invalid_json")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 
-import httpx
+import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, ValidationError
@@ -21,7 +20,7 @@ from router.prefix import PrefixKeyer
 from router.proxy import Proxy
 from router.settings import RouterSettings
 from router.tenants import Tenants, check_admin
-from router.workers import WorkerPool
+from router.workers import WorkerPool, normalize_url
 
 log = logging.getLogger("prefixroute.router")
 
@@ -42,7 +41,7 @@ class Router:
         self.tenants = Tenants(settings.tenants, settings.open_tenant_secret.get_secret_value())
         self.admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
         self.metrics = RouterMetrics(self.pool)
-        self.client: httpx.AsyncClient | None = None
+        self.client: aiohttp.ClientSession | None = None
         self.proxy: Proxy | None = None
         self._health_task: asyncio.Task | None = None
         self.created = now()
@@ -64,10 +63,10 @@ class Router:
 
     async def _start(self, app: web.Application) -> None:
         s = self.settings
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(s.request_timeout_s, connect=s.connect_timeout_s),
-            limits=httpx.Limits(max_connections=s.max_connections, max_keepalive_connections=s.max_connections),
-            trust_env=False,
+        self.client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=s.max_connections, limit_per_host=0, keepalive_timeout=60),
+            timeout=aiohttp.ClientTimeout(total=None, connect=s.connect_timeout_s, sock_read=s.request_timeout_s),
+            auto_decompress=False,
         )
         self.proxy = Proxy(self.client, self.pool, self.metrics, s.max_failover)
         await self.pool.probe_all(self.client, s.health_timeout_s)
@@ -80,7 +79,7 @@ class Router:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
         if self.client:
-            await self.client.aclose()
+            await self.client.close()
 
     # ---- OpenAI surface -----------------------------------------------------------------------------------
 
@@ -115,8 +114,12 @@ class Router:
         m.fanout.observe(decision.fanout)
         if decision.fanout > 1:
             m.spills.inc()
-        obj["cache_salt"] = tenant.cache_salt(obj.get("cache_salt") if isinstance(obj.get("cache_salt"), str) else None)
-        body = json.dumps(obj, separators=(",", ":")).encode()
+        salt = tenant.cache_salt(req.cache_salt)
+        # Append the tenant's salt to the client's own bytes instead of re-serializing a possibly large body:
+        # JSON parsers (the worker's included) keep the last of duplicate keys, so any client-sent cache_salt
+        # is overridden by this one. The body is known to be one JSON object.
+        raw = (await request.read()).rstrip()
+        body = raw[:-1] + b',"cache_salt":"' + salt.encode() + b'"}'
         return await self.proxy.forward(request, path, body, decision, {"x-prefixroute-key": keys.short})
 
     async def models(self, request: web.Request) -> web.Response:
@@ -144,9 +147,7 @@ class Router:
     async def _worker_body(self, request: web.Request) -> _WorkerBody:
         try:
             body = _WorkerBody.model_validate(await read_json(request))
-            body.url = body.url.strip()
-            from router.workers import normalize_url
-            normalize_url(body.url)
+            body.url = normalize_url(body.url)
             return body
         except (ValidationError, ValueError) as exc:
             raise APIError(422, f"Invalid worker: {exc}", param="url", code="invalid_worker") from None

@@ -8,6 +8,7 @@ hit a small LRU of tokenizations. The session key picks a worker inside a spille
 from __future__ import annotations
 
 import time
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 from hashlib import blake2b
@@ -83,7 +84,7 @@ class PrefixKeyer:
             else:
                 ids = prompt[: self.P]
                 session_src = ",".join(map(str, prompt))
-        key = _h(tenant, b"route", pck, b"".join(i.to_bytes(4, "little") for i in ids))
+        key = _h(tenant, b"route", pck, array("I", ids).tobytes())
         # Explicit session identity first; else the conversation's opening (system + first user turn),
         # which every later turn of the same conversation repeats verbatim.
         explicit = req.prompt_cache_key or req.user or session_hint

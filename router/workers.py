@@ -10,7 +10,8 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
+from yarl import URL
 
 from router.ring import Ring
 
@@ -37,8 +38,11 @@ class Worker:
 
 
 def normalize_url(url: str) -> str:
-    u = httpx.URL(url)
-    if u.scheme not in ("http", "https") or not u.host:
+    try:
+        u = URL(url.strip())
+    except (ValueError, TypeError):
+        u = None
+    if u is None or u.scheme not in ("http", "https") or not u.host:
         raise ValueError(f"worker URL must be http(s)://host[:port], got {url!r}")
     return str(u).rstrip("/")
 
@@ -129,25 +133,27 @@ class WorkerPool:
             w.healthy = True
             self._rebuild()
 
-    async def probe(self, client: httpx.AsyncClient, w: Worker, timeout: float) -> None:
+    async def probe(self, client: aiohttp.ClientSession, w: Worker, timeout: float) -> None:
+        t = aiohttp.ClientTimeout(total=timeout)
+        models = None
         try:
-            r = await client.get(w.url + "/health", timeout=timeout)
-            ok = r.status_code == 200
-            models = None
+            async with client.get(w.url + "/health", timeout=t) as r:
+                ok = r.status == 200
             if ok and (not w.healthy or not w.models):
-                m = await client.get(w.url + "/v1/models", timeout=timeout)
-                models = [d["id"] for d in m.json().get("data", [])] if m.status_code == 200 else None
-        except (httpx.HTTPError, ValueError, KeyError):
+                async with client.get(w.url + "/v1/models", timeout=t) as m:
+                    if m.status == 200:
+                        models = [d["id"] for d in (await m.json()).get("data", [])]
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError):
             ok = False
         if ok:
             self.mark_ok(w.name, models)
         else:
             self.mark_failed(w.name)
 
-    async def probe_all(self, client: httpx.AsyncClient, timeout: float) -> None:
+    async def probe_all(self, client: aiohttp.ClientSession, timeout: float) -> None:
         await asyncio.gather(*(self.probe(client, w, timeout) for w in list(self.workers.values())))
 
-    async def health_loop(self, client: httpx.AsyncClient, interval: float, timeout: float) -> None:
+    async def health_loop(self, client: aiohttp.ClientSession, interval: float, timeout: float) -> None:
         while True:
             await asyncio.sleep(interval)
             try:

@@ -194,3 +194,16 @@ def test_requests_keep_succeeding_when_a_worker_dies(workers):
         stop_process(proc)
         if extra.poll() is None:
             stop_process(extra)
+
+
+def test_router_metrics_count_decisions_without_leaking_prompts(tenant_router):
+    url = tenant_router
+    secret_words = f"confidential-{uuid.uuid4().hex}"
+    r = ask(url, secret_words + " " + system_prompt(), "q", headers={"Authorization": "Bearer key-acme"})
+    assert r.status_code == 200
+    text = httpx.get(url + "/metrics", timeout=10).text
+    assert 'prefixroute_router_requests_total{route="affinity"' in text
+    assert "prefixroute_router_tokenize_seconds_count" in text and "prefixroute_router_inflight{" in text
+    assert "prefixroute_router_worker_up{" in text
+    for secret in (secret_words, "key-acme", "s-acme", "admin-secret", r.headers["x-prefixroute-key"]):
+        assert secret not in text

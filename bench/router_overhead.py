@@ -1,0 +1,280 @@
+"""Router overhead: added latency through the router versus straight to the upstream, and one router process's
+maximum requests/s, against fast upstream servers on 127.0.0.1 that answer at once.
+
+Per prompt size (200 to 20,000 tokens): p50/p99 of direct and routed latency at concurrency 1, interleaved
+(direct, routed, direct, ...) so noise hits both alike; the same for streamed requests (time to [DONE]);
+the router's in-process key computation (render + tokenize P tokens + hash) with a cold and a warm
+tokenization cache; then a closed-loop load (wrk when installed, else Python) for requests/s and router CPU
+per request. Prints JSON, then a markdown table; `--out DIR` writes router_overhead.{json,md}.
+
+  python bench/router_overhead.py [--samples 300] [--out docs/benchmarks]
+  python bench/router_overhead.py --serve-upstream PORT    (the fast upstream itself)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+STREAM_CHUNKS = 16
+
+
+# ---- the fast upstream -------------------------------------------------------------------------------------
+
+def upstream_app() -> web.Application:
+    usage = {"prompt_tokens": 10, "completion_tokens": STREAM_CHUNKS, "total_tokens": 10 + STREAM_CHUNKS,
+             "prompt_tokens_details": {"cached_tokens": 0}}
+    body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "fast",
+                       "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                                    "finish_reason": "stop"}], "usage": usage}).encode()
+    chunk = b'data: {"id":"x","object":"chat.completion.chunk","created":0,"model":"fast","choices":[{"index":0,"delta":{"content":"tok"},"finish_reason":null}]}\n\n'
+    final = b"data: " + json.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "fast",
+                                    "choices": [], "usage": usage}).encode() + b"\n\ndata: [DONE]\n\n"
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        req = await request.json()
+        if not req.get("stream"):
+            return web.Response(body=body, content_type="application/json")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for _ in range(STREAM_CHUNKS):
+            await resp.write(chunk)
+        await resp.write(final)
+        await resp.write_eof()
+        return resp
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "fast", "object": "model", "created": 0}]})
+
+    app = web.Application(client_max_size=64 << 20)
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    return app
+
+
+# ---- helpers -----------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def wait_ok(session: aiohttp.ClientSession, url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            async with session.get(url) as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.25)
+    raise TimeoutError(url)
+
+
+def prompt_of(tokens: int) -> list[dict[str, str]]:
+    words = " ".join(f"w{i % 97}" for i in range(tokens // 2))  # about two tokens per word
+    return [{"role": "system", "content": words}, {"role": "user", "content": "hi"}]
+
+
+def pct(xs: list[float], p: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+async def one(session: aiohttp.ClientSession, url: str, payload: bytes) -> float:
+    t0 = time.perf_counter()
+    async with session.post(url + "/v1/chat/completions", data=payload,
+                            headers={"Content-Type": "application/json"}) as r:
+        await r.read()
+        if r.status != 200:
+            raise RuntimeError(f"{url}: HTTP {r.status}")
+    return time.perf_counter() - t0
+
+
+async def latency(session, direct: str, routed: str, payload: bytes, samples: int) -> dict[str, Any]:
+    d, r = [], []
+    for _ in range(10):  # warm both paths (connections, tokenization cache)
+        await one(session, direct, payload)
+        await one(session, routed, payload)
+    for _ in range(samples):
+        d.append(await one(session, direct, payload))
+        r.append(await one(session, routed, payload))
+    added = [b - a for a, b in zip(d, r)]
+    return {"direct_p50_ms": pct(d, 50) * 1e3, "routed_p50_ms": pct(r, 50) * 1e3,
+            "added_p50_ms": (pct(r, 50) - pct(d, 50)) * 1e3, "added_p99_ms": (pct(r, 99) - pct(d, 99)) * 1e3,
+            "paired_added_p50_ms": statistics.median(added) * 1e3}
+
+
+def keyer_timing(sizes: list[int], reps: int = 200) -> dict[int, dict[str, float]]:
+    from protocol.modelfiles import default_model_path, load_tokenizer
+    from protocol.openai import ChatCompletionRequest
+    from router.prefix import PrefixKeyer
+    from router.tenants import Tenant, derive_key
+
+    tok = load_tokenizer(default_model_path())
+    tenant = Tenant("bench", derive_key("bench"))
+    out = {}
+    for n in sizes:
+        reqs = [ChatCompletionRequest.model_validate({"messages": [
+            {"role": "system", "content": f"[{i}] " + prompt_of(n)[0]["content"]},
+            {"role": "user", "content": "hi"}]}) for i in range(reps)]
+        cold = PrefixKeyer(tok, 256)
+        t0 = time.perf_counter()
+        for r in reqs:  # every prompt distinct: the tokenization cache never hits
+            cold.keys(tenant, r, None)
+        t_cold = (time.perf_counter() - t0) / reps
+        t0 = time.perf_counter()
+        for _ in range(reps):  # one prompt again and again
+            cold.keys(tenant, reqs[0], None)
+        t_warm = (time.perf_counter() - t0) / reps
+        out[n] = {"key_cold_us": t_cold * 1e6, "key_warm_us": t_warm * 1e6}
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk_rps(url: str, payload: bytes, seconds: int, connections: int) -> float:
+    script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
+    script.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(payload.decode())}\n'
+                 'wrk.headers["Content-Type"] = "application/json"\n')
+    script.close()
+    out = subprocess.run(["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s", "-s", script.name,
+                          url + "/v1/chat/completions"], capture_output=True, text=True, timeout=seconds + 60).stdout
+    os.unlink(script.name)
+    non2xx = [ln for ln in out.splitlines() if "Non-2xx" in ln]
+    if non2xx:
+        raise RuntimeError(f"wrk saw errors: {non2xx}")
+    return float(next(ln for ln in out.splitlines() if ln.startswith("Requests/sec")).split()[1])
+
+
+async def python_rps(url: str, payload: bytes, seconds: float, connections: int) -> float:
+    done = 0
+    stop = time.perf_counter() + seconds
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections)) as s:
+        async def loop():
+            nonlocal done
+            while time.perf_counter() < stop:
+                await one(s, url, payload)
+                done += 1
+        t0 = time.perf_counter()
+        await asyncio.gather(*(loop() for _ in range(connections)))
+        return done / (time.perf_counter() - t0)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    ports = [free_port() for _ in range(3)]
+    procs = [spawn([__file__, "--serve-upstream", str(p)]) for p in ports[:2]]
+    upstreams = [f"http://127.0.0.1:{p}" for p in ports[:2]]
+    router = f"http://127.0.0.1:{ports[2]}"
+    procs.append(spawn(["-m", "router", "--host", "127.0.0.1", "--port", str(ports[2]), "--log-level", "warning",
+                        *sum((["--worker", u] for u in upstreams), [])]))
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as s:
+            for u in upstreams:
+                await wait_ok(s, u + "/health")
+            await wait_ok(s, router + "/health")
+            # Route every benchmark prompt to upstream 0 directly; through the router it lands on its home.
+            results = {"latency": {}, "streaming": {}}
+            for n in args.sizes:
+                body = {"model": "fast", "messages": prompt_of(n), "max_tokens": 16}
+                payload = json.dumps(body).encode()
+                results["latency"][n] = await latency(s, upstreams[0], router, payload, args.samples)
+                spayload = json.dumps({**body, "stream": True}).encode()
+                results["streaming"][n] = await latency(s, upstreams[0], router, spayload, args.samples)
+            small = json.dumps({"model": "fast", "messages": prompt_of(200), "max_tokens": 16}).encode()
+            rpid = procs[-1].pid
+            c0, t0 = cpu_seconds(rpid), time.perf_counter()
+            tool = "wrk" if shutil.which("wrk") else "python"
+            if tool == "wrk":
+                rps = wrk_rps(router, small, args.seconds, args.connections)
+            else:
+                rps = await python_rps(router, small, args.seconds, args.connections)
+            cpu = cpu_seconds(rpid) - c0
+            wall = time.perf_counter() - t0
+            results["throughput"] = {"tool": tool, "connections": args.connections, "rps": rps,
+                                     "router_cpu_ms_per_request": cpu / (rps * wall) * 1e3 if rps else None,
+                                     "router_cpu_util": cpu / wall}
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=20)
+    results["key_computation"] = keyer_timing(args.sizes)
+    return results
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = ["| prompt tokens | direct p50 ms | routed p50 ms | added p50 ms | added p99 ms | streamed: added p50 ms "
+             "| streamed: added p99 ms | key cold us | key warm us |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for n, lat in r["latency"].items():
+        st, k = r["streaming"][n], r["key_computation"][n]
+        lines.append(f"| {n} | {lat['direct_p50_ms']:.3f} | {lat['routed_p50_ms']:.3f} | {lat['added_p50_ms']:.3f} | "
+                     f"{lat['added_p99_ms']:.3f} | {st['added_p50_ms']:.3f} | {st['added_p99_ms']:.3f} | "
+                     f"{k['key_cold_us']:.0f} | {k['key_warm_us']:.0f} |")
+    t = r["throughput"]
+    lines.append("")
+    lines.append(f"Max throughput of one router process ({t['tool']}, {t['connections']} connections, 200-token "
+                 f"prompts): **{t['rps']:.0f} requests/s**, router CPU {t['router_cpu_ms_per_request']:.3f} ms per "
+                 f"request ({t['router_cpu_util']:.2f} cores busy).")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--samples", type=int, default=300)
+    p.add_argument("--sizes", type=int, nargs="+", default=[200, 2000, 20000])
+    p.add_argument("--seconds", type=int, default=10)
+    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--out")
+    args = p.parse_args()
+    if args.serve_upstream:
+        web.run_app(upstream_app(), host="127.0.0.1", port=args.serve_upstream, print=None, access_log=None,
+                    shutdown_timeout=0.5)
+        return 0
+    results = asyncio.run(run(args))
+    report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+              "config": {k: v for k, v in vars(args).items() if k != "serve_upstream"}, "results": results}
+    md = markdown(results)
+    print(json.dumps(report, indent=2))
+    print(md)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "router_overhead.json").write_text(json.dumps(report, indent=2))
+        Path(args.out, "router_overhead.md").write_text(
+            f"Command: `python bench/router_overhead.py {' '.join(sys.argv[1:])}`\n\n{md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
