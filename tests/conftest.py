@@ -22,6 +22,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_block(n: int) -> int:
+    """A base port such that base .. base+n-1 are all free on 127.0.0.1 (for a multi-replica sim worker)."""
+    import random
+
+    for _ in range(200):
+        base = random.randint(20000, 60000 - n)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no block of free ports")
+
+
+def start_sim_workers(n: int, *args: str) -> tuple[list[str], subprocess.Popen]:
+    base = free_port_block(n)
+    cmd = [sys.executable, "-m", "worker", "--backend", "sim", "--host", "127.0.0.1", "--port", str(base),
+           "--replicas", str(n), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    urls = [f"http://127.0.0.1:{base + i}" for i in range(n)]
+    try:
+        for u in urls:
+            wait_healthy(u, proc, timeout=120)
+    except Exception:
+        proc.kill()
+        raise
+    return urls, proc
+
+
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 240.0, path: str = "/health") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

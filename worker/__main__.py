@@ -1,8 +1,12 @@
-"""`python -m worker`: load the model, start the engine thread and serve the OpenAI API."""
+"""`python -m worker`: load the model (or, with --backend sim, the GPU cost model), start the engine thread(s)
+and serve the OpenAI API; the sim backend can serve several workers from one process (--replicas)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
 import sys
 
 import psutil
@@ -12,31 +16,84 @@ from pydantic import ValidationError
 
 from worker.engine.engine import Engine, EngineConfig
 from worker.engine.loader import ModelNotFound, load_model
-from worker.engine.runner import ModelRunner
+from worker.engine.runner import ModelRunner, Runner
 from worker.server import WorkerServer
 from worker.settings import WorkerSettings, default_cache_bytes, parse_args
+from worker.sim import PROFILES, SimRunner, load_sim
 
 log = logging.getLogger("prefixroute.worker")
 
 
-def build(settings: WorkerSettings) -> WorkerServer:
+def _engine(settings: WorkerSettings, runner: Runner, cache_bytes: int, max_num_seqs: int,
+            max_batch_tokens: int) -> Engine:
+    return Engine(runner, EngineConfig(
+        block_size=settings.block_size,
+        cache_bytes=cache_bytes,
+        max_num_seqs=max_num_seqs,
+        max_batch_tokens=max_batch_tokens,
+        cache_generated=settings.cache_generated,
+    ))
+
+
+def build(settings: WorkerSettings) -> list[WorkerServer]:
+    if settings.backend == "sim":
+        return build_sim(settings)
+    if settings.replicas != 1:
+        raise ValueError("--replicas is for the sim backend; run one model worker per GPU")
     loaded = load_model(settings.model, settings.device, settings.dtype, settings.served_model_name)
     runner = ModelRunner(loaded)
     cache_bytes = settings.cache_bytes
     if cache_bytes is None:
         free = torch.cuda.mem_get_info(loaded.device)[0] if loaded.device.type == "cuda" else None
         cache_bytes = default_cache_bytes(loaded.device.type, free, psutil.virtual_memory().total)
-    engine = Engine(runner, EngineConfig(
-        block_size=settings.block_size,
-        cache_bytes=cache_bytes,
-        max_num_seqs=settings.max_num_seqs,
-        max_batch_tokens=settings.max_batch_tokens,
-        cache_generated=settings.cache_generated,
-    ))
+    engine = _engine(settings, runner, cache_bytes, settings.max_num_seqs, settings.max_batch_tokens)
     log.info("model %s on %s (%s), context %d, cache %.0f MiB (%d tokens), block %d", loaded.name, loaded.device,
              loaded.dtype, loaded.max_model_len, cache_bytes / 2**20, cache_bytes // runner.kv_bytes_per_token,
              settings.block_size)
-    return WorkerServer(settings, loaded, engine)
+    return [WorkerServer(settings, loaded, engine)]
+
+
+def build_sim(settings: WorkerSettings) -> list[WorkerServer]:
+    profile = PROFILES.get(settings.sim_profile)
+    if profile is None:
+        raise ValueError(f"unknown sim profile {settings.sim_profile!r}; known: {', '.join(PROFILES)}")
+    loaded = load_sim(settings.model, settings.served_model_name, profile)
+    explicit = settings.model_fields_set
+    # A GPU engine's defaults, unless given: its batch limits and the KV memory the GPU leaves.
+    max_num_seqs = settings.max_num_seqs if "max_num_seqs" in explicit else profile.max_num_seqs
+    max_batch_tokens = settings.max_batch_tokens if "max_batch_tokens" in explicit else 8192
+    cache_bytes = settings.cache_bytes if settings.cache_bytes is not None else profile.kv_capacity_bytes
+    servers = []
+    for i in range(settings.replicas):
+        port = settings.port + i if settings.port else 0
+        wid = f"{settings.worker_id}-{i}" if settings.worker_id and settings.replicas > 1 else settings.worker_id
+        s = settings.model_copy(update={"port": port, "worker_id": wid})
+        runner = SimRunner(loaded, profile, settings.sim_speedup, settings.sim_token_scale)
+        servers.append(WorkerServer(s, loaded, _engine(s, runner, cache_bytes, max_num_seqs, max_batch_tokens)))
+    log.info("sim %s x%d: %s, cache %d tokens each, speedup %.1f, token scale %.1f", profile.name,
+             settings.replicas, loaded.name, cache_bytes // servers[0].engine.runner.kv_bytes_per_token,
+             settings.sim_speedup, settings.sim_token_scale)
+    return servers
+
+
+async def serve(servers: list[WorkerServer]) -> None:
+    """Serve every app until SIGINT or SIGTERM, then shut down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    runners = []
+    try:
+        for srv in servers:
+            r = web.AppRunner(srv.app(), access_log=None)
+            await r.setup()
+            await web.TCPSite(r, srv.settings.host, srv.settings.port).start()
+            runners.append(r)
+        await stop.wait()
+    finally:
+        for r in runners:
+            with contextlib.suppress(Exception):
+                await r.cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,15 +105,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        server = build(settings)
+        servers = build(settings)
     except (ModelNotFound, ValueError, RuntimeError) as exc:
         print(f"cannot start the worker: {exc}", file=sys.stderr)
         return 2
-    server.engine.start()
+    for srv in servers:
+        srv.engine.start()
     try:
-        web.run_app(server.app(), host=settings.host, port=settings.port, print=None, access_log=None)
+        asyncio.run(serve(servers))
     finally:
-        server.engine.stop()
+        for srv in servers:
+            srv.engine.stop()
     return 0
 
 

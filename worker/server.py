@@ -65,6 +65,11 @@ class WorkerServer:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.prometheus)
+        # SGLang's native info endpoints, which SGLang's router probes on every worker it is given.
+        for path in ("/get_model_info", "/model_info"):
+            app.router.add_get(path, self.model_info)
+        for path in ("/get_server_info", "/server_info"):
+            app.router.add_get(path, self.server_info)
         return app
 
     # ---- plain endpoints ----------------------------------------------------------------------------------
@@ -74,10 +79,23 @@ class WorkerServer:
         return web.json_response(ModelList(data=[card]).model_dump())
 
     async def health(self, request: web.Request) -> web.Response:
-        alive = self.engine._thread is not None and self.engine._thread.is_alive()
+        alive = self.engine.alive
         body = {"status": "ok" if alive else "engine stopped", "running": self.engine.num_running,
                 "waiting": self.engine.num_waiting}
         return web.json_response(body, status=200 if alive else 503)
+
+    async def model_info(self, request: web.Request) -> web.Response:
+        return web.json_response({"model_path": self.loaded.name, "tokenizer_path": str(self.loaded.path),
+                                  "is_generation": True, "max_model_len": self.loaded.max_model_len})
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        e = self.engine
+        return web.json_response({
+            "model_path": self.loaded.name, "served_model_name": self.loaded.name,
+            "max_total_num_tokens": e.cache.capacity_bytes // e.runner.kv_bytes_per_token,
+            "page_size": e.config.block_size, "max_running_requests": e.config.max_num_seqs,
+            "context_length": self.loaded.max_model_len, "worker_id": self.settings.name,
+            "backend": self.settings.backend})
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -28,6 +28,11 @@ class WorkerSettings(BaseSettings):
     cache_generated: bool = Field(True, description="also cache blocks of generated tokens (multi-turn hits)")
     max_body_bytes: int = Field(32 << 20, ge=1024)
     log_level: str = "info"
+    backend: Literal["model", "sim"] = Field("model", description="the real model, or the GPU cost model (sim)")
+    sim_profile: str = Field("h100-llama3-8b", description="sim: GPU and model whose service times are modelled")
+    sim_speedup: float = Field(1.0, gt=0, description="sim: simulated time runs this many times faster")
+    sim_token_scale: float = Field(1.0, gt=0, description="sim: each prompt token costs and weighs this many")
+    replicas: int = Field(1, ge=1, le=128, description="sim: workers served by this process, on port, port+1, ...")
 
     @property
     def name(self) -> str:
@@ -58,5 +63,10 @@ def parse_args(argv: Sequence[str] | None = None) -> WorkerSettings:
     p.add_argument("--max-waiting", type=int)
     p.add_argument("--no-cache-generated", dest="cache_generated", action="store_const", const=False)
     p.add_argument("--log-level")
+    p.add_argument("--backend", choices=["model", "sim"])
+    p.add_argument("--sim-profile")
+    p.add_argument("--sim-speedup", type=float)
+    p.add_argument("--sim-token-scale", type=float, help="e.g. 32 when a trace's 512-token blocks were cut to 16")
+    p.add_argument("--replicas", type=int, help="sim only: serve N workers on consecutive ports")
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     return WorkerSettings(**args)

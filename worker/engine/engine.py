@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from worker.engine.cache import BlockCache
-from worker.engine.kv import payload_nbytes
-from worker.engine.runner import ModelRunner
+from worker.engine.runner import Runner
 from worker.engine.sampling import Sampler
 from worker.engine.scheduler import Scheduler
 from worker.engine.sequence import Sequence, Status, TextState
@@ -34,13 +33,14 @@ class EngineConfig:
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, config: EngineConfig):
+    def __init__(self, runner: Runner, config: EngineConfig):
         self.runner = runner
         self.config = config
         self.tokenizer = runner.loaded.tokenizer
         self.cache = BlockCache(config.block_size, config.cache_bytes)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_batch_tokens)
         self.stop_token_ids = runner.stop_token_ids()
+        self.block_bytes = runner.kv_bytes_per_token * config.block_size
         self._inbox: queue.SimpleQueue[tuple[str, Sequence]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopped = threading.Event()
@@ -67,6 +67,10 @@ class Engine:
     def abort(self, seq: Sequence) -> None:
         self._inbox.put(("abort", seq))
         self._wake.set()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def num_running(self) -> int:
@@ -178,7 +182,7 @@ class Engine:
                 if payloads is None:
                     payloads = self.runner.block_payloads(seq, first * B, last * B, B)
                 payload = payloads[i - first]
-                blk = self.cache.insert(h, parent, toks, payload, payload_nbytes(payload))
+                blk = self.cache.insert(h, parent, toks, payload, self.block_bytes)
                 if blk is None:
                     break  # no room: everything left is pinned by running requests
             seq.blocks.append(blk)

@@ -92,7 +92,3 @@ def block_payloads(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int, 
     per_block = both.view(L, 2, H, T // block_size, block_size, D).permute(3, 0, 1, 2, 4, 5)
     # one copy per block: a block must own its storage so that evicting it frees its bytes.
     return [b.contiguous() for b in per_block.unbind(0)]
-
-
-def payload_nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()

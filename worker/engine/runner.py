@@ -7,6 +7,7 @@ decodes on its own cache, exactly as it prefilled.
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
+from typing import Any, Protocol
 
 import torch
 
@@ -14,6 +15,20 @@ from worker.engine import kv as kvmod
 from worker.engine.batch import DecodeBatch
 from worker.engine.loader import LoadedModel
 from worker.engine.sequence import Sequence
+
+
+class Runner(Protocol):
+    """What the engine needs of a runner: the model's (ModelRunner) or the GPU cost model's (sim.SimRunner)."""
+
+    loaded: LoadedModel
+    device: torch.device
+    kv_bytes_per_token: int
+
+    def stop_token_ids(self) -> frozenset[int]: ...
+    def forward(self, seq: Sequence, token_ids: list[int]) -> torch.Tensor: ...
+    def decode(self, seqs: Seq[Sequence]) -> list[torch.Tensor]: ...
+    def kv_from_blocks(self, payloads: list[Any], reserve_tokens: int) -> Any: ...
+    def block_payloads(self, seq: Sequence, start: int, end: int, block_size: int) -> list[Any]: ...
 
 
 class ModelRunner:
