@@ -43,6 +43,8 @@ def build(settings: WorkerSettings) -> list[WorkerServer]:
     loaded = load_model(settings.model, settings.device, settings.dtype, settings.served_model_name)
     runner = ModelRunner(loaded)
     cache_bytes = settings.cache_bytes
+    if settings.cache_tokens is not None:
+        cache_bytes = settings.cache_tokens * runner.kv_bytes_per_token
     if cache_bytes is None:
         free = torch.cuda.mem_get_info(loaded.device)[0] if loaded.device.type == "cuda" else None
         cache_bytes = default_cache_bytes(loaded.device.type, free, psutil.virtual_memory().total)
@@ -63,6 +65,8 @@ def build_sim(settings: WorkerSettings) -> list[WorkerServer]:
     max_num_seqs = settings.max_num_seqs if "max_num_seqs" in explicit else profile.max_num_seqs
     max_batch_tokens = settings.max_batch_tokens if "max_batch_tokens" in explicit else 8192
     cache_bytes = settings.cache_bytes if settings.cache_bytes is not None else profile.kv_capacity_bytes
+    if settings.cache_tokens is not None:
+        cache_bytes = int(settings.cache_tokens * profile.kv_bytes_per_token * settings.sim_token_scale)
     servers = []
     for i in range(settings.replicas):
         port = settings.port + i if settings.port else 0

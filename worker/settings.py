@@ -22,6 +22,7 @@ class WorkerSettings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     block_size: int = Field(16, ge=1, le=4096)
     cache_bytes: int | None = Field(None, ge=0, description="prefix cache budget; default: see default_cache_bytes")
+    cache_tokens: int | None = Field(None, ge=0, description="the budget in tokens of KV instead (wins over bytes)")
     max_num_seqs: int = Field(16, ge=1)
     max_batch_tokens: int = Field(512, ge=16, description="tokens per engine step (decode + one prefill chunk)")
     max_waiting: int = Field(1024, ge=0, description="queued requests beyond which new ones get 503")
@@ -58,6 +59,7 @@ def parse_args(argv: Sequence[str] | None = None) -> WorkerSettings:
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--block-size", type=int)
     p.add_argument("--cache-bytes", type=int)
+    p.add_argument("--cache-tokens", type=int, help="prefix cache budget in tokens of KV (instead of bytes)")
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--max-batch-tokens", type=int)
     p.add_argument("--max-waiting", type=int)

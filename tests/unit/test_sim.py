@@ -60,3 +60,16 @@ def test_hits_skip_simulated_prefill_and_cache_is_charged_profile_bytes(loaded):
 def test_token_scale_charges_more_bytes_and_time(loaded):
     one, many = SimRunner(loaded, GpuProfile(), token_scale=1.0), SimRunner(loaded, GpuProfile(), token_scale=32.0)
     assert many.kv_bytes_per_token == 32 * one.kv_bytes_per_token
+
+
+def test_build_sim_replicas_and_cache_in_tokens():
+    from worker.__main__ import build_sim
+    from worker.settings import parse_args
+
+    servers = build_sim(parse_args(["--backend", "sim", "--replicas", "3", "--port", "30000", "--cache-tokens",
+                                    "1000", "--sim-token-scale", "32", "--worker-id", "gpu"]))
+    assert [s.settings.port for s in servers] == [30000, 30001, 30002]
+    assert [s.settings.name for s in servers] == ["gpu-0", "gpu-1", "gpu-2"]
+    e = servers[0].engine
+    assert e.cache.capacity_bytes // e.runner.kv_bytes_per_token == 1000
+    assert e.config.max_num_seqs == 256 and servers[0].engine is not servers[1].engine
