@@ -24,9 +24,7 @@ import json
 import math
 import os
 import platform
-import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +36,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from harness.procs import free_port, start_router, start_sim_workers, stop_process  # noqa: E402
 from worker.engine.cache import BlockCache  # noqa: E402
 from worker.sim import GpuProfile  # noqa: E402
 
@@ -91,36 +90,6 @@ def saturation_speed(reqs: list[dict[str, Any]], n: int, pooled_hit: float, prof
     return target_util * n * span_s / work
 
 
-def free_block(n: int) -> int:
-    for _ in range(200):
-        base = random.randint(20000, 60000 - n)
-        socks = []
-        try:
-            for p in range(base, base + n + 1):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
-
-
-def wait_ok(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(url)
-
-
 def scrape(url: str) -> dict[str, float]:
     vals: dict[str, float] = {}
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
@@ -132,32 +101,25 @@ def scrape(url: str) -> dict[str, float]:
 
 
 def run_one(trace: Path, n: int, policy: str, speed: float, args: argparse.Namespace, workdir: Path) -> dict:
-    base = free_block(n)
-    urls = [f"http://127.0.0.1:{base + i}" for i in range(n)]
-    rport = base + n
     scale = TRACE_BLOCK / args.block_tokens
     procs = []
     log = open(workdir / f"{policy}-{n}-{speed:.2f}.log", "wb")
     try:
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "worker", "--backend", "sim", "--host", "127.0.0.1", "--port", str(base),
-             "--replicas", str(n), "--sim-speedup", str(args.time_scale), "--sim-token-scale", str(scale),
-             "--block-size", str(args.block_tokens), "--no-cache-generated", "--log-level", "warning"],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
-        for u in urls:
-            wait_ok(u + "/health")
+        urls, sim = start_sim_workers(n, "--sim-speedup", str(args.time_scale), "--sim-token-scale", str(scale),
+                                      "--block-size", str(args.block_tokens), "--no-cache-generated",
+                                      "--log-level", "warning", log=log)
+        procs.append(sim)
         if policy == "sglang":
-            cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(rport),
-                   "--policy", "cache_aware", "--prometheus-port", str(free_block(1)), "--worker-urls", *urls]
+            router, rproc = start_router(urls, "--policy", "cache_aware", "--prometheus-port", str(free_port()),
+                                         log=log, module="sglang_router.launch_router")
         else:
             prefix = max(1, math.ceil(256 / scale))  # the first 256 real tokens, in scaled tokens
-            cmd = [sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", str(rport), "--policy", policy,
-                   "--prefix-tokens", str(prefix), "--log-level", "warning", *sum((["--worker", u] for u in urls), [])]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
-        wait_ok(f"http://127.0.0.1:{rport}/health")
+            router, rproc = start_router(urls, "--policy", policy, "--prefix-tokens", str(prefix),
+                                         "--log-level", "warning", log=log)
+        procs.append(rproc)
         out = workdir / f"{policy}-{n}-{speed:.2f}"
         t0 = time.time()
-        subprocess.run([sys.executable, "-m", "loadgen", "replay", str(trace), "--url", f"http://127.0.0.1:{rport}",
+        subprocess.run([sys.executable, "-m", "loadgen", "replay", str(trace), "--url", router,
                         "--speedup", str(speed * args.time_scale), "--block-tokens", str(args.block_tokens),
                         "--max-requests", str(args.max_requests), "--max-output-tokens", str(args.max_output_tokens),
                         "--out", str(out), "--quiet"], cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT,
@@ -165,7 +127,7 @@ def run_one(trace: Path, n: int, policy: str, speed: float, args: argparse.Names
         wall = time.time() - t0
         summary = json.loads((out / "summary.json").read_text())
         per = [scrape(u) for u in urls]
-        reqs = [sum(v for k, v in m.items() if k == "prefixroute_worker_requests_total") for m in per]
+        reqs = [m.get("prefixroute_worker_requests_total", 0.0) for m in per]
         prompt = sum(m.get("prefixroute_worker_prompt_tokens_total", 0) for m in per)
         cached = sum(m.get("prefixroute_worker_cached_tokens_total", 0) for m in per)
         mean = sum(reqs) / n
@@ -175,12 +137,7 @@ def run_one(trace: Path, n: int, policy: str, speed: float, args: argparse.Names
                 "requests": summary.get("requests"), "errors": summary.get("errors")}
     finally:
         for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            stop_process(p)
         log.close()
 
 

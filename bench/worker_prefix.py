@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,49 +31,12 @@ from typing import Any
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness.procs import start_worker, stop_process  # noqa: E402
+
 HEALTH_TIMEOUT_S = 180.0
 REQUEST_TIMEOUT_S = 600.0
 DECODE_PROMPT = "Count from 1 to 1000, separated by commas: 1, 2, 3, 4, 5, 6, 7, 8,"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_worker(device: str, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    log = open(log_path, "wb")
-    cmd = [sys.executable, "-m", "worker", "--host", "127.0.0.1", "--port", str(port), "--device", device]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent)
-    log.close()  # the child holds its own descriptor
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def wait_healthy(client: httpx.Client, url: str, proc: subprocess.Popen[bytes] | None, log_path: Path | None) -> None:
-    deadline = time.monotonic() + HEALTH_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-3000:] if log_path else ""
-            raise RuntimeError(f"worker exited with {proc.returncode} before becoming healthy:\n{tail}")
-        try:
-            if client.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"worker at {url} not healthy after {HEALTH_TIMEOUT_S:.0f} s")
-
-
-def stop_worker(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
 
 
 def stream(client: httpx.Client, url: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -242,13 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if url is None:
             log_path = Path(tempfile.mkdtemp(prefix="bench_wp_")) / "worker.log"
-            proc, url = start_worker(args.device, log_path)
-        wait_healthy(client, url, proc, log_path)
+            with open(log_path, "wb") as log:
+                url, proc = start_worker("--device", args.device, log=log, timeout=HEALTH_TIMEOUT_S)
         results = run(client, url, args)
     finally:
         client.close()
         if proc is not None:
-            stop_worker(proc)
+            stop_process(proc)
 
     report = {
         "benchmark": "worker_prefix",

@@ -6,9 +6,10 @@ import json
 import logging
 
 import orjson
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ValidationError
 
 from protocol.errors import APIError, error_body, from_validation_error
@@ -68,3 +69,27 @@ def parse_model(cls: type[M], obj: dict[str, Any]) -> M:
 def sse(payload: BaseModel | dict[str, Any]) -> bytes:
     data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
     return b"data: " + data.encode() + b"\n\n"
+
+
+class OpenAISurface(Protocol):
+    """The endpoints that the worker and the router both serve."""
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse: ...
+    async def completions(self, request: web.Request) -> web.StreamResponse: ...
+    async def models(self, request: web.Request) -> web.StreamResponse: ...
+    async def health(self, request: web.Request) -> web.StreamResponse: ...
+    async def prometheus(self, request: web.Request) -> web.StreamResponse: ...
+
+
+def openai_app(surface: OpenAISurface, max_body_bytes: int) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=max_body_bytes)
+    app.router.add_post("/v1/chat/completions", surface.chat_completions)
+    app.router.add_post("/v1/completions", surface.completions)
+    app.router.add_get("/v1/models", surface.models)
+    app.router.add_get("/health", surface.health)
+    app.router.add_get("/metrics", surface.prometheus)
+    return app
+
+
+def metrics_response(registry: CollectorRegistry) -> web.Response:
+    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

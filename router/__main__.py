@@ -6,7 +6,7 @@ import logging
 import sys
 
 from aiohttp import web
-from pydantic import ValidationError
+from protocol.cli import settings_or_exit
 
 from protocol.modelfiles import ModelNotFound, load_tokenizer, resolve_model_path
 from router.app import Router
@@ -14,15 +14,7 @@ from router.settings import parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        settings = parse_args(argv)
-    except ValidationError as exc:
-        for err in exc.errors():
-            print(f"invalid setting {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as exc:
-        print(f"cannot read the configuration: {exc}", file=sys.stderr)
-        return 2
+    settings = settings_or_exit(parse_args, argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         tokenizer = load_tokenizer(resolve_model_path(settings.model))

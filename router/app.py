@@ -8,11 +8,10 @@ import logging
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, ValidationError
 
 from protocol.errors import APIError
-from protocol.http import error_middleware, parse_model, read_json
+from protocol.http import metrics_response, openai_app, parse_model, read_json
 from protocol.openai import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now
 from router.metrics import RouterMetrics
 from router.policies import Policy, make_policy
@@ -47,12 +46,7 @@ class Router:
         self.created = now()
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[error_middleware], client_max_size=self.settings.max_body_bytes)
-        app.router.add_post("/v1/chat/completions", self.chat_completions)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/metrics", self.prometheus)
+        app = openai_app(self, self.settings.max_body_bytes)
         app.router.add_get("/admin/workers", self.admin_list)
         app.router.add_post("/admin/workers", self.admin_add)
         app.router.add_delete("/admin/workers", self.admin_remove)
@@ -133,7 +127,7 @@ class Router:
                                  status=200 if n else 503)
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return metrics_response(self.metrics.registry)
 
     # ---- admin --------------------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import sys
 import psutil
 import torch
 from aiohttp import web
-from pydantic import ValidationError
+from protocol.cli import settings_or_exit
 
 from worker.engine.engine import Engine, EngineConfig
 from worker.engine.loader import ModelNotFound, load_model
@@ -101,12 +101,7 @@ async def serve(servers: list[WorkerServer]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        settings = parse_args(argv)
-    except ValidationError as exc:
-        for err in exc.errors():
-            print(f"invalid setting {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
-        return 2
+    settings = settings_or_exit(parse_args, argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         servers = build(settings)

@@ -10,11 +10,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from protocol.errors import APIError
 from protocol.prompt import prompt_text
-from protocol.http import SSE_DONE, SSE_HEADERS, error_middleware, parse_model, read_json, sse
+from protocol.http import SSE_DONE, SSE_HEADERS, metrics_response, openai_app, parse_model, read_json, sse
 from protocol.openai import (
     AssistantMessage,
     ChatChoice,
@@ -59,12 +58,7 @@ class WorkerServer:
         self.created = now()
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[error_middleware], client_max_size=self.settings.max_body_bytes)
-        app.router.add_post("/v1/chat/completions", self.chat_completions)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/metrics", self.prometheus)
+        app = openai_app(self, self.settings.max_body_bytes)
         # SGLang's native info endpoints, which SGLang's router probes on every worker it is given.
         for path in ("/get_model_info", "/model_info"):
             app.router.add_get(path, self.model_info)
@@ -98,7 +92,7 @@ class WorkerServer:
             "backend": self.settings.backend})
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return metrics_response(self.metrics.registry)
 
     # ---- completions --------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import start_router, start_sim_workers, stop_process
+from harness.procs import start_router, start_sim_workers, start_worker, stop_process
 
 
 @pytest.fixture(scope="module")

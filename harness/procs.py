@@ -1,0 +1,115 @@
+"""Start workers, sim fleets and routers as real processes on free 127.0.0.1 ports, wait for them, stop them.
+Every wait is bounded; a process that dies while starting raises at once."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_port_block(n: int) -> int:
+    """A base port such that base .. base+n-1 are all free on 127.0.0.1 (for a multi-replica sim worker)."""
+    for _ in range(200):
+        base = random.randint(20000, 60000 - n)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no block of free ports")
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 240.0, path: str = "/health") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} became healthy")
+        try:
+            if httpx.get(url + path, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} not healthy after {timeout}s")
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def _spawn(args: list[str], env: dict[str, str] | None, log: IO[bytes] | int | None) -> subprocess.Popen:
+    out = subprocess.DEVNULL if log is None else log
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out,
+                            stderr=subprocess.STDOUT)
+
+
+def _started(urls: list[str], proc: subprocess.Popen, timeout: float, path: str = "/health") -> None:
+    try:
+        for u in urls:
+            wait_healthy(u, proc, timeout=timeout, path=path)
+    except Exception:
+        proc.kill()
+        raise
+
+
+def start_worker(*args: str, env: dict[str, str] | None = None, log: IO[bytes] | None = None,
+                 timeout: float = 240.0) -> tuple[str, subprocess.Popen]:
+    port = free_port()
+    proc = _spawn(["-m", "worker", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", *args], env, log)
+    url = f"http://127.0.0.1:{port}"
+    _started([url], proc, timeout)
+    return url, proc
+
+
+def start_sim_workers(n: int, *args: str, log: IO[bytes] | None = None) -> tuple[list[str], subprocess.Popen]:
+    base = free_port_block(n)
+    proc = _spawn(["-m", "worker", "--backend", "sim", "--host", "127.0.0.1", "--port", str(base), "--replicas",
+                   str(n), *args], None, log)
+    urls = [f"http://127.0.0.1:{base + i}" for i in range(n)]
+    _started(urls, proc, 120)
+    return urls, proc
+
+
+def start_router(workers: list[str], *args: str, env: dict[str, str] | None = None, wait_path: str = "/health",
+                 log: IO[bytes] | None = None, module: str = "router") -> tuple[str, subprocess.Popen]:
+    port = free_port()
+    if module == "router":
+        cmd = ["-m", "router", "--host", "127.0.0.1", "--port", str(port), *args]
+        for w in workers:
+            cmd += ["--worker", w]
+    else:  # a peer router taking SGLang's flags, e.g. sglang_router.launch_router
+        cmd = ["-m", module, "--host", "127.0.0.1", "--port", str(port), *args, "--worker-urls", *workers]
+    proc = _spawn(cmd, env, log)
+    url = f"http://127.0.0.1:{port}"
+    _started([url], proc, 120, wait_path)
+    return url, proc
