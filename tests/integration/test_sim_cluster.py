@@ -46,3 +46,20 @@ def test_cache_aware_keeps_a_shared_prefix_on_one_sim_replica(sim_cluster):
         served.add(r.headers["x-prefixroute-worker"])
         cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
     assert len(served) == 1 and cached[0] == 0 and min(cached[1:]) > 500
+
+
+def test_client_leaving_a_routed_stream_aborts_it_on_the_worker(sim_cluster):
+    urls, router = sim_cluster
+    body = {"prompt": [1000] * 40, "max_tokens": 50_000, "stream": True}
+    with httpx.stream("POST", router + "/v1/completions", json=body, timeout=30) as r:
+        worker = r.headers["x-prefixroute-worker"]
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # leave after the first chunk
+    import time
+
+    for _ in range(100):
+        if httpx.get(worker + "/health", timeout=5).json()["running"] == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the worker kept generating for a client that left")
