@@ -128,7 +128,7 @@ class WorkerServer:
         finally:
             if not stream.done:  # client went away or the handler failed: free the engine slot
                 self.engine.abort(seq)
-        self.metrics.requests.labels(endpoint, str(resp.status)).inc()
+        self.metrics.requests.labels(endpoint, "499" if stream.client_gone else str(resp.status)).inc()
         return resp
 
     def _check_model(self, model: str | None) -> None:
@@ -204,24 +204,27 @@ class WorkerServer:
             return Completion(id=rid, created=created, model=model,
                               choices=[CompletionChoice(text=text or "", finish_reason=finish)])
 
-        if endpoint == "chat":
-            await resp.write(sse(chunk(None, None, first=True)))
-        async for ev in stream:
-            if ev.error:
-                await resp.write(sse(APIError(500, f"Generation failed: {ev.error}.", code="engine_error").body()))
-                break
-            if ev.text or ev.finished:
-                await resp.write(sse(chunk(ev.text if ev.text or endpoint != "chat" else None, ev.finish_reason)))
-        last = stream.last
-        if req.include_usage and not last.error:
-            usage = make_usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
+        try:
             if endpoint == "chat":
-                final = ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage)
-            else:
-                final = Completion(id=rid, created=created, model=model, choices=[], usage=usage)
-            await resp.write(sse(final))
-        await resp.write(SSE_DONE)
-        await resp.write_eof()
+                await resp.write(sse(chunk(None, None, first=True)))
+            async for ev in stream:
+                if ev.error:
+                    await resp.write(sse(APIError(500, f"Generation failed: {ev.error}.", code="engine_error").body()))
+                    break
+                if ev.text or ev.finished:
+                    await resp.write(sse(chunk(ev.text if ev.text or endpoint != "chat" else None, ev.finish_reason)))
+            last = stream.last
+            if req.include_usage and not last.error:
+                usage = make_usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
+                if endpoint == "chat":
+                    final = ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage)
+                else:
+                    final = Completion(id=rid, created=created, model=model, choices=[], usage=usage)
+                await resp.write(sse(final))
+            await resp.write(SSE_DONE)
+            await resp.write_eof()
+        except ConnectionResetError:
+            stream.client_gone = True  # _serve aborts the sequence and records 499 (nginx's "client closed")
         return resp
 
 
@@ -234,6 +237,7 @@ class _EventStream:
         self.metrics = metrics
         self.started = started
         self.done = False
+        self.client_gone = False
         self.last: SeqEvent | None = None
 
     async def __aiter__(self) -> AsyncIterator[SeqEvent]:

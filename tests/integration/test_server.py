@@ -174,6 +174,8 @@ async def test_client_disconnect_frees_the_engine_slot(worker_url):
         for _ in range(100):
             health = (await http.get("/health")).json()
             if health["running"] == 0 and health["waiting"] == 0:
+                metrics = (await http.get("/metrics")).text
+                assert 'prefixroute_worker_requests_total{endpoint="completions",status="499"}' in metrics
                 return
             await asyncio.sleep(0.1)
     raise AssertionError("the abandoned request kept running")
