@@ -114,7 +114,9 @@ def run_one(trace: Path, n: int, policy: str, speed: float, args: argparse.Names
                                          log=log, module="sglang_router.launch_router")
         else:
             prefix = max(1, math.ceil(256 / scale))  # the first 256 real tokens, in scaled tokens
+            session = max(1, math.ceil(1024 / scale))
             router, rproc = start_router(urls, "--policy", policy, "--prefix-tokens", str(prefix),
+                                         "--session-tokens", str(session),
                                          "--log-level", "warning", log=log)
         procs.append(rproc)
         out = workdir / f"{policy}-{n}-{speed:.2f}"

@@ -36,7 +36,7 @@ class Router:
         for w in settings.workers:
             self.pool.add(w.url, w.weight)
         self.policy = policy or make_policy(settings)
-        self.keyer = PrefixKeyer(tokenizer, settings.prefix_tokens)
+        self.keyer = PrefixKeyer(tokenizer, settings.prefix_tokens, settings.session_tokens)
         self.tenants = Tenants(settings.tenants, settings.open_tenant_secret.get_secret_value())
         self.admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
         self.metrics = RouterMetrics(self.pool)

@@ -2,7 +2,8 @@
 
 Routing key = keyed blake2b(tenant key; prompt_cache_key, first P token ids of the rendered prompt). Only as
 many characters as P tokens need are tokenized, so the cost does not grow with the prompt; repeated prefixes
-hit a small LRU of tokenizations. The session key picks a worker inside a spilled key's worker set.
+hit a small LRU of tokenizations. The session key picks a worker inside a spilled key's worker set: an explicit identity, else the conversation's
+opening (chat: up to the end of the first user message; completions: the first S tokens).
 """
 
 from __future__ import annotations
@@ -42,14 +43,19 @@ def _h(tenant: Tenant, *parts: bytes) -> bytes:
 
 
 class PrefixKeyer:
-    def __init__(self, tokenizer: Any, prefix_tokens: int, cache_size: int = 4096):
+    def __init__(self, tokenizer: Any, prefix_tokens: int, session_tokens: int = 1024, cache_size: int = 4096):
         self.tokenizer = tokenizer
         self.P = prefix_tokens
+        self.S = session_tokens
         self._cache: OrderedDict[bytes, list[int]] = OrderedDict()
         self._cache_size = cache_size
 
     def first_tokens(self, text: str) -> list[int]:
-        """The first P token ids of `text`, tokenizing a window of characters that grows only as needed."""
+        return self._window(text)[0]
+
+    def _window(self, text: str) -> tuple[list[int], float]:
+        """The first P token ids of `text`, tokenizing a window of characters that grows only as needed, and
+        the window's characters per token."""
         window = self.P * _CHARS_PER_TOKEN_GUESS
         while True:
             part = text[:window]
@@ -65,7 +71,8 @@ class PrefixKeyer:
                 self._cache.move_to_end(ck)
             # The window's last token may be cut mid-word: keep only tokens followed by another one.
             if whole or len(ids) > self.P:
-                return ids[: self.P] if whole else ids[: min(self.P, len(ids) - 1)]
+                cpt = len(part) / max(1, len(ids))
+                return (ids[: self.P] if whole else ids[: min(self.P, len(ids) - 1)]), cpt
             window *= 2
 
     def keys(self, tenant: Tenant, req: ChatCompletionRequest | CompletionRequest, session_hint: str | None) -> RouteKeys:
@@ -78,15 +85,17 @@ class PrefixKeyer:
             session_src = self._first_user_turn(text, messages)
         else:
             prompt = req.single_prompt()
+            # No turns to go by: the opening S tokens stand for the conversation or document (about S x the
+            # characters per token measured on the key's own window, so equal openings cut alike, untokenized).
             if isinstance(prompt, str):
-                ids = self.first_tokens(prompt)
-                session_src = prompt
+                ids, cpt = self._window(prompt)
+                session_src = prompt[: int(self.S * cpt)]
             else:
                 ids = prompt[: self.P]
-                session_src = ",".join(map(str, prompt))
+                session_src = ",".join(map(str, prompt[: self.S]))
         key = _h(tenant, b"route", pck, array("I", ids).tobytes())
-        # Explicit session identity first; else the conversation's opening (system + first user turn),
-        # which every later turn of the same conversation repeats verbatim.
+        # Explicit session identity first; else the conversation's opening (system + first user turn, or the
+        # first S tokens of a completion prompt), which every later turn of the same conversation repeats.
         explicit = req.prompt_cache_key or req.user or session_hint
         session = _h(tenant, b"session", (explicit or session_src).encode(), b"explicit" if explicit else b"")
         return RouteKeys(key, session, len(ids), time.perf_counter() - t0)

@@ -60,6 +60,7 @@ class RouterSettings(BaseSettings):
     model: str | None = Field(None, description="tokenizer/chat template source; default: the worker's default")
     # routing key
     prefix_tokens: int = Field(256, ge=1, le=32768, description="P: tokens of the stable prefix that are hashed")
+    session_tokens: int = Field(1024, ge=1, description="S: a completion prompt's opening that keys its session")
     # cache_aware
     vnodes: int = Field(160, ge=1, le=4096, description="virtual nodes per unit of weight")
     spill_rpm: float = Field(15.0, gt=0, description="R: requests/minute per key before it spills")
@@ -109,6 +110,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterSettings:
     p.add_argument("--config", help="YAML or TOML file with any of the settings (tenants, workers, ...)")
     p.add_argument("--model", help="tokenizer source: local HF model directory or .gguf (default: the worker's)")
     p.add_argument("--prefix-tokens", type=int)
+    p.add_argument("--session-tokens", type=int)
     p.add_argument("--spill-rpm", type=float)
     p.add_argument("--load-factor", type=float)
     p.add_argument("--load-slack", type=float)
