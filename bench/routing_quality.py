@@ -56,15 +56,16 @@ def load_trace(path: Path, n: int) -> list[dict[str, Any]]:
 
 
 def offline_hit_ratio(reqs: list[dict[str, Any]], capacity_blocks: int | None) -> float:
-    """Block hit ratio of one LRU of `capacity_blocks` trace blocks (None: infinite), with the worker's own
-    BlockCache: a trace block is one 'token' of a block_size-1 chain, so prefix semantics are the engine's."""
+    """Cached / prompt tokens through one LRU of `capacity_blocks` trace blocks (None: infinite), with the
+    worker's own BlockCache: a trace block is one 'token' of a block_size-1 chain, so prefix semantics are the
+    engine's. Counted like a worker counts: whole blocks only, and never the prompt's last token."""
     cache = BlockCache(1, capacity_blocks if capacity_blocks is not None else 1 << 62)
     hits = total = 0
     for r in reqs:
         ids = r["hash_ids"]
         chain = cache.acquire_prefix(ids, None, len(ids))
-        hits += len(chain)
-        total += len(ids)
+        hits += min(len(chain), (r["input_length"] - 1) // TRACE_BLOCK) * TRACE_BLOCK
+        total += r["input_length"]
         parent = chain[-1] if chain else None
         for i in range(len(chain), len(ids)):
             blk = cache.insert(cache.child_hash(parent, None, ids[i:i + 1]), parent, ids[i:i + 1], None, 1)
