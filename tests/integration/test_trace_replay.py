@@ -1,5 +1,5 @@
 """loadgen against real processes: a slice of the real Mooncake trace through the router to sim workers shows
-cache_aware beating round_robin on cached tokens; and the CLI writes its files."""
+cache_aware beating round_robin on cached tokens; a recorded synthetic workload compared across two routers."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from harness.procs import ROOT, start_router, start_sim_workers, stop_process
 
 TRACE = ROOT.parent / "shared" / "traces" / "conversation_trace.jsonl"
-pytestmark = pytest.mark.skipif(not TRACE.exists(), reason="the Mooncake trace is not beside the repo (../shared)")
+needs_trace = pytest.mark.skipif(not TRACE.exists(), reason="the Mooncake trace is not beside the repo (../shared)")
 
 
 def replay(policy: str, out: Path, requests: int = 300) -> dict:
@@ -34,6 +34,7 @@ def replay(policy: str, out: Path, requests: int = 300) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+@needs_trace
 def test_trace_slice_cache_aware_beats_round_robin(tmp_path):
     ca = replay("cache_aware", tmp_path / "ca")
     rr = replay("round_robin", tmp_path / "rr")
@@ -43,3 +44,38 @@ def test_trace_slice_cache_aware_beats_round_robin(tmp_path):
             assert s[key] is not None
     assert ca["cached_token_ratio"] > 1.3 * rr["cached_token_ratio"]  # measured: 0.070 vs 0.037
     assert (tmp_path / "ca" / "requests.csv").exists() and (tmp_path / "ca" / "ttft_cdf.png").exists()
+
+
+def test_compare_mode_and_synthetic_workload(tmp_path):
+    """`loadgen compare` runs one recorded synthetic workload against two routers, each with its own cold sim
+    fleet, and writes one combined report."""
+    procs = []
+    try:
+        fleets = {}
+        for name in ("record", "cache_aware", "round_robin"):
+            urls, sim = start_sim_workers(2, "--sim-speedup", "20")
+            procs.append(sim)
+            url, router = start_router(urls, "--policy", "round_robin" if name == "record" else name)
+            procs.append(router)
+            fleets[name] = url
+        rec = tmp_path / "zipf.jsonl"
+        r = subprocess.run([sys.executable, "-m", "loadgen", "synth", "zipf", "--url", fleets["record"],
+                            "--requests", "30", "--rate", "30", "--seed", "4", "--record", str(rec), "--quiet"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert len(rec.read_text().splitlines()) == 30
+        r = subprocess.run([sys.executable, "-m", "loadgen", "compare", str(rec), "--speedup", "4", "--out",
+                            str(tmp_path / "c"), "--quiet", "--url", f"cache_aware={fleets['cache_aware']}",
+                            "--url", f"round_robin={fleets['round_robin']}"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+        assert set(summary) == {"cache_aware", "round_robin"}
+        assert all(s["requests"] == 30 and s["errors"] == 0 for s in summary.values())
+        assert summary["cache_aware"]["cached_token_ratio"] > summary["round_robin"]["cached_token_ratio"]
+        table = (tmp_path / "c" / "summary.md").read_text()
+        assert "| cache_aware |" in table and "| round_robin |" in table
+        assert (tmp_path / "c" / "requests-cache_aware.csv").exists()
+    finally:
+        for proc in procs:
+            stop_process(proc)
