@@ -102,11 +102,7 @@ def plot(runs: dict[str, list[Result]], out: Path) -> list[Path]:
         if xs:
             ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=name)
     ax.set(xlabel="TTFT (s)", ylabel="fraction of requests", title="TTFT CDF", xscale="log")
-    ax.legend(fontsize=7)
-    files.append(out / "ttft_cdf.png")
-    fig.tight_layout()
-    fig.savefig(files[-1], dpi=100)
-    plt.close(fig)
+    files.append(_save(fig, ax, out / "ttft_cdf.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, res in runs.items():
@@ -123,11 +119,7 @@ def plot(runs: dict[str, list[Result]], out: Path) -> list[Path]:
         ax.plot([(b + 0.5) * span / buckets for b in range(buckets)], [c / p if p else 0 for c, p in zip(ct, pt)],
                 label=name)
     ax.set(xlabel="time (s)", ylabel="cached / prompt tokens", title="Hit ratio over time", ylim=(0, 1))
-    ax.legend(fontsize=7)
-    files.append(out / "hit_ratio.png")
-    fig.tight_layout()
-    fig.savefig(files[-1], dpi=100)
-    plt.close(fig)
+    files.append(_save(fig, ax, out / "hit_ratio.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / max(1, len(runs))
@@ -136,12 +128,18 @@ def plot(runs: dict[str, list[Result]], out: Path) -> list[Path]:
         names = sorted(counts)
         ax.bar([i + k * width for i in range(len(names))], [counts[n] for n in names], width, label=name)
     ax.set(xlabel="worker", ylabel="requests", title="Requests per worker")
-    ax.legend(fontsize=7)
-    files.append(out / "load_per_worker.png")
-    fig.tight_layout()
-    fig.savefig(files[-1], dpi=100)
-    plt.close(fig)
+    files.append(_save(fig, ax, out / "load_per_worker.png"))
     return files
+
+
+def _save(fig: Any, ax: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def write(out: Path, runs: dict[str, list[Result]], summaries: dict[str, dict[str, Any]]) -> None:

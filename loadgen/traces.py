@@ -81,22 +81,21 @@ def detect_format(path: Path) -> Literal["mooncake", "requests"]:
     raise TraceError(f"{path}: empty")
 
 
-def read_mooncake(path: Path, limit: int | None = None) -> list[MooncakeLine]:
+def _read(path: Path, model: type[BaseModel], limit: int | None) -> list[Any]:
     out = []
     for i, line in _lines(path):
-        out.append(_parse(path, i, line, MooncakeLine))
+        out.append(_parse(path, i, line, model))
         if limit is not None and len(out) >= limit:
             break
     return out
+
+
+def read_mooncake(path: Path, limit: int | None = None) -> list[MooncakeLine]:
+    return _read(path, MooncakeLine, limit)
 
 
 def read_requests(path: Path, limit: int | None = None) -> list[RecordedRequest]:
-    out = []
-    for i, line in _lines(path):
-        out.append(_parse(path, i, line, RecordedRequest))
-        if limit is not None and len(out) >= limit:
-            break
-    return out
+    return _read(path, RecordedRequest, limit)
 
 
 class PromptBuilder:
