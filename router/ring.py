@@ -24,10 +24,6 @@ class Ring:
     def __len__(self) -> int:
         return len(self._weights)
 
-    @property
-    def members(self) -> dict[str, int]:
-        return dict(self._weights)
-
     def set_members(self, weights: dict[str, int]) -> None:
         """Rebuild for these workers (name -> weight); a worker's points depend only on its name and weight,
         so removing one worker moves only the keys it owned."""

@@ -54,7 +54,6 @@ class WorkerPool:
         self.workers: dict[str, Worker] = {}
         self.active: list[str] = []
         self.total_inflight = 0
-        self.on_change: list = []  # callbacks after membership or health changes (metrics)
 
     # ---- PoolView -----------------------------------------------------------------------------------------
 
@@ -91,8 +90,6 @@ class WorkerPool:
     def _rebuild(self) -> None:
         self.active = [n for n, w in self.workers.items() if w.usable]
         self.ring.set_members({n: self.workers[n].weight for n in self.active})
-        for cb in self.on_change:
-            cb()
 
     # ---- in-flight ----------------------------------------------------------------------------------------
 
