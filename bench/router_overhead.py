@@ -44,7 +44,8 @@ def upstream_app() -> web.Application:
     body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "fast",
                        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
                                     "finish_reason": "stop"}], "usage": usage}).encode()
-    chunk = b'data: {"id":"x","object":"chat.completion.chunk","created":0,"model":"fast","choices":[{"index":0,"delta":{"content":"tok"},"finish_reason":null}]}\n\n'
+    chunk = (b'data: {"id":"x","object":"chat.completion.chunk","created":0,"model":"fast",'
+             b'"choices":[{"index":0,"delta":{"content":"tok"},"finish_reason":null}]}\n\n')
     final = b"data: " + json.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "fast",
                                     "choices": [], "usage": usage}).encode() + b"\n\ndata: [DONE]\n\n"
 

@@ -6,15 +6,18 @@ For every fleet size N, policy and load (multiples of the rate that keeps the fl
 fresh sim workers (one process, N replicas, H100 / Llama-3-8B cost model, per-worker LRU of the KV the GPU
 leaves), a fresh router, then `python -m loadgen replay` at that rate. Hit ratio = cached / prompt tokens from
 the workers' own /metrics (so every router is measured the same way); max/mean = the busiest worker's requests
-over the mean; TTFT from loadgen. Offline (no servers): the same trace prefix through one pooled LRU of N x the
-per-worker capacity, and through an infinite cache (0.366 on the whole conversation trace).
+(and engine busy seconds, the GPU time a worker spent) over the mean; TTFT from loadgen. Offline (no servers):
+the same trace prefix through one pooled LRU of N x the per-worker capacity, and through an infinite cache
+(0.366 on the whole conversation trace).
 
 Prompts are scaled: each 512-token trace block becomes `--block-tokens` tokens and the sim charges each token
 as 512/block-tokens tokens (time and KV bytes), so sharing, cache pressure and service times keep the trace's
-proportions while the CPU handles ~30x fewer tokens. Prints JSON and a markdown table; `--out DIR` writes
-routing_quality.{json,md} and routing_quality.png.
+proportions while the CPU handles ~30x fewer tokens. Each run replays at `--wall-rps` requests per wall-clock
+second (the sim's clock runs at whatever multiple of real time that takes), so a 2-core machine keeps up at
+every load. Prints JSON and a markdown table; `--out DIR` writes routing_quality.{json,md} and
+routing_quality.png; `--append` merges into them.
 
-  python bench/routing_quality.py --workers 8 32 --loads 0.5 1 2 --max-requests 3000 --out docs/benchmarks
+  python bench/routing_quality.py --workers 8 32 --loads 0.5 1 2 --max-requests 2000 --out docs/benchmarks
 """
 
 from __future__ import annotations
@@ -30,65 +33,23 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from harness.fleet_sim import (  # noqa: E402
+    TRACE,
+    TRACE_BLOCK,
+    load_trace,
+    offline_hit_ratio,
+    per_worker_blocks,
+    saturation_speed,
+)
 from harness.procs import free_port, start_router, start_sim_workers, stop_process  # noqa: E402
-from worker.engine.cache import BlockCache  # noqa: E402
 from worker.sim import GpuProfile  # noqa: E402
 
-TRACE = ROOT.parent / "shared" / "traces" / "conversation_trace.jsonl"
 POLICIES = ["cache_aware", "consistent_hash", "round_robin", "least_loaded", "random", "sglang"]
-TRACE_BLOCK = 512
-
-
-def load_trace(path: Path, n: int) -> list[dict[str, Any]]:
-    out = []
-    with open(path) as f:
-        for line in f:
-            out.append(json.loads(line))
-            if len(out) == n:
-                break
-    return out
-
-
-def offline_hit_ratio(reqs: list[dict[str, Any]], capacity_blocks: int | None) -> float:
-    """Cached / prompt tokens through one LRU of `capacity_blocks` trace blocks (None: infinite), with the
-    worker's own BlockCache: a trace block is one 'token' of a block_size-1 chain, so prefix semantics are the
-    engine's. Counted like a worker counts: whole blocks only, and never the prompt's last token."""
-    cache = BlockCache(1, capacity_blocks if capacity_blocks is not None else 1 << 62)
-    hits = total = 0
-    for r in reqs:
-        ids = r["hash_ids"]
-        chain = cache.acquire_prefix(ids, None, len(ids))
-        hits += min(len(chain), (r["input_length"] - 1) // TRACE_BLOCK) * TRACE_BLOCK
-        total += r["input_length"]
-        parent = chain[-1] if chain else None
-        for i in range(len(chain), len(ids)):
-            blk = cache.insert(cache.child_hash(parent, None, ids[i:i + 1]), parent, ids[i:i + 1], None, 1)
-            if blk is None:
-                break
-            chain.append(blk)
-            parent = blk
-        cache.release(chain)
-    return hits / total
-
-
-def saturation_speed(reqs: list[dict[str, Any]], n: int, pooled_hit: float, profile: GpuProfile,
-                     target_util: float = 0.85) -> float:
-    """Trace speed-up at which the fleet's estimated GPU work fills `target_util` of N GPUs: prefill of the
-    tokens a pooled cache would miss, plus each request's share of batched decode steps (batch of ~32)."""
-    span_s = (reqs[-1]["timestamp"] - reqs[0]["timestamp"]) / 1000 or 1.0
-    work = 0.0
-    for r in reqs:
-        new = int(r["input_length"] * (1 - pooled_hit))
-        work += profile.prefill_s(new, r["input_length"] - new) + profile.step_overhead_s
-        work += r["output_length"] * (profile.decode_weights_s / 32 + profile.decode_s_per_ctx_token *
-                                      r["input_length"])
-    return target_util * n * span_s / work
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -101,12 +62,13 @@ def scrape(url: str) -> dict[str, float]:
     return vals
 
 
-def run_one(trace: Path, n: int, policy: str, speed: float, args: argparse.Namespace, workdir: Path) -> dict:
+def run_one(trace: Path, n: int, policy: str, speed: float, time_scale: float, args: argparse.Namespace,
+            workdir: Path) -> dict:
     scale = TRACE_BLOCK / args.block_tokens
     procs = []
     log = open(workdir / f"{policy}-{n}-{speed:.2f}.log", "wb")
     try:
-        urls, sim = start_sim_workers(n, "--sim-speedup", str(args.time_scale), "--sim-token-scale", str(scale),
+        urls, sim = start_sim_workers(n, "--sim-speedup", str(time_scale), "--sim-token-scale", str(scale),
                                       "--block-size", str(args.block_tokens), "--no-cache-generated",
                                       "--log-level", "warning", log=log)
         procs.append(sim)
@@ -123,7 +85,7 @@ def run_one(trace: Path, n: int, policy: str, speed: float, args: argparse.Names
         out = workdir / f"{policy}-{n}-{speed:.2f}"
         t0 = time.time()
         subprocess.run([sys.executable, "-m", "loadgen", "replay", str(trace), "--url", router,
-                        "--speedup", str(speed * args.time_scale), "--block-tokens", str(args.block_tokens),
+                        "--speedup", str(speed * time_scale), "--block-tokens", str(args.block_tokens),
                         "--max-requests", str(args.max_requests), "--max-output-tokens", str(args.max_output_tokens),
                         "--out", str(out), "--quiet"], cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT,
                        timeout=args.run_timeout)
@@ -131,11 +93,14 @@ def run_one(trace: Path, n: int, policy: str, speed: float, args: argparse.Names
         summary = json.loads((out / "summary.json").read_text())
         per = [scrape(u) for u in urls]
         reqs = [m.get("prefixroute_worker_requests_total", 0.0) for m in per]
+        busy = [m.get("prefixroute_worker_busy_seconds_total", 0.0) for m in per]
         prompt = sum(m.get("prefixroute_worker_prompt_tokens_total", 0) for m in per)
         cached = sum(m.get("prefixroute_worker_cached_tokens_total", 0) for m in per)
-        mean = sum(reqs) / n
-        return {"workers": n, "policy": policy, "load": None, "speed": speed, "wall_s": wall,
-                "hit_ratio": cached / prompt if prompt else 0.0, "max_mean": max(reqs) / mean if mean else None,
+        mean, busy_mean = sum(reqs) / n, sum(busy) / n
+        return {"workers": n, "policy": policy, "load": None, "speed": speed, "time_scale": time_scale,
+                "wall_s": wall, "hit_ratio": cached / prompt if prompt else 0.0,
+                "max_mean": max(reqs) / mean if mean else None,
+                "busy_max_mean": max(busy) / busy_mean if busy_mean else None,
                 "ttft_p50_s": summary.get("ttft_p50_s"), "ttft_p99_s": summary.get("ttft_p99_s"),
                 "requests": summary.get("requests"), "errors": summary.get("errors")}
     finally:
@@ -145,12 +110,13 @@ def run_one(trace: Path, n: int, policy: str, speed: float, args: argparse.Names
 
 
 def markdown(rows: list[dict], offline: dict) -> str:
-    lines = ["| workers | policy | load | hit ratio | % of pooled | max/mean | TTFT p50 s | TTFT p99 s | errors |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| workers | policy | load | hit ratio | % of pooled | max/mean requests | max/mean busy | TTFT p50 s "
+             "| TTFT p99 s | errors |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         pooled = offline[r["workers"]]["pooled"]
         lines.append(f"| {r['workers']} | {r['policy']} | {r['load']}x | {r['hit_ratio']:.3f} | "
-                     f"{100 * r['hit_ratio'] / pooled:.0f}% | {r['max_mean']:.2f} | {r['ttft_p50_s']:.3f} | "
+                     f"{100 * r['hit_ratio'] / pooled:.0f}% | {r['max_mean']:.2f} | {r['busy_max_mean']:.2f} | "
+                     f"{r['ttft_p50_s']:.3f} | "
                      f"{r['ttft_p99_s']:.3f} | {r['errors']} |")
     lines.append("")
     for n, o in offline.items():
@@ -184,6 +150,19 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def merge(old: dict, config: dict, rows: list[dict], offline: dict, commands: list[str]
+          ) -> tuple[list[dict], dict, list[str]]:
+    """Earlier results plus these runs, which must replay the same trace slice the same way."""
+    same = ("trace", "max_requests", "block_tokens", "max_output_tokens")
+    if any(old["config"].get(k) != config[k] for k in same):
+        sys.exit(f"--append: the earlier results used other {', '.join(same)}")
+    new = {(r["workers"], r["policy"], r["load"]) for r in rows}
+    order = {p: i for i, p in enumerate(POLICIES)}
+    rows = sorted([r for r in old["runs"] if (r["workers"], r["policy"], r["load"]) not in new] + rows,
+                  key=lambda r: (r["workers"], r["load"], order[r["policy"]]))
+    return rows, {**{int(k): v for k, v in old["offline"].items()}, **offline}, old.get("commands", []) + commands
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trace", type=Path, default=TRACE)
@@ -193,41 +172,54 @@ def main() -> int:
     p.add_argument("--max-requests", type=int, default=3000)
     p.add_argument("--block-tokens", type=int, default=16)
     p.add_argument("--max-output-tokens", type=int, default=64)
-    p.add_argument("--time-scale", type=float, default=10.0, help="simulated seconds per wall-clock second")
+    p.add_argument("--wall-rps", type=float, default=15.0,
+                   help="requests per wall-clock second each run replays at: the sim's time scale is set per run "
+                        "so that client, router and sim fleet keep up on a small machine")
+    p.add_argument("--time-scale", type=float, help="fixed simulated seconds per wall-clock second instead")
     p.add_argument("--run-timeout", type=float, default=1800)
     p.add_argument("--out", type=Path)
+    p.add_argument("--append", action="store_true",
+                   help="merge these runs into --out's results of the same trace slice (a rerun replaces a row)")
     args = p.parse_args()
     if "sglang" in args.policies and shutil.which("python3") and subprocess.run(
             [sys.executable, "-c", "import sglang_router"], capture_output=True).returncode != 0:
         print("sglang-router is not installed (pip install sglang-router); skipping it", file=sys.stderr)
         args.policies = [x for x in args.policies if x != "sglang"]
     reqs = load_trace(args.trace, args.max_requests)
+    trace_rps = len(reqs) / (((reqs[-1]["timestamp"] - reqs[0]["timestamp"]) / 1000) or 1.0)
     profile = GpuProfile()
-    per_worker_blocks = profile.kv_capacity_bytes // (profile.kv_bytes_per_token * TRACE_BLOCK)
+    per_worker = per_worker_blocks(profile)
     offline = {}
     for n in args.workers:
-        pooled = offline_hit_ratio(reqs, n * per_worker_blocks)
-        offline[n] = {"capacity_blocks": n * per_worker_blocks, "pooled": pooled,
+        pooled = offline_hit_ratio(reqs, n * per_worker)
+        offline[n] = {"capacity_blocks": n * per_worker, "pooled": pooled,
                       "infinite": offline_hit_ratio(reqs, None), "speed_1x": saturation_speed(reqs, n, pooled, profile)}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.workers:
             for load in args.loads:
                 for policy in args.policies:
-                    r = run_one(args.trace, n, policy, offline[n]["speed_1x"] * load, args, Path(tmp))
+                    speed = offline[n]["speed_1x"] * load
+                    time_scale = args.time_scale or args.wall_rps / (trace_rps * speed)
+                    r = run_one(args.trace, n, policy, speed, time_scale, args, Path(tmp))
                     r["load"] = load
                     rows.append(r)
                     print(json.dumps(r), file=sys.stderr)
-    report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "config": {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "offline": offline, "runs": rows}
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    commands = [f"python bench/routing_quality.py {' '.join(sys.argv[1:])}"]
+    if args.append and args.out and (args.out / "routing_quality.json").exists():
+        rows, offline, commands = merge(json.loads((args.out / "routing_quality.json").read_text()), config, rows,
+                                        offline, commands)
+    report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "config": config,
+              "commands": commands, "offline": offline, "runs": rows}
     md = markdown(rows, offline)
     print(json.dumps(report, indent=2))
     print(md)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "routing_quality.json").write_text(json.dumps(report, indent=2))
-        (args.out / "routing_quality.md").write_text(f"Command: `python bench/routing_quality.py "
-                                                     f"{' '.join(sys.argv[1:])}`\n\n{md}")
+        cmds = "\n".join(f"    {c}" for c in commands)
+        (args.out / "routing_quality.md").write_text(f"Commands:\n\n{cmds}\n\n{md}")
         plot(rows, args.out / "routing_quality.png")
     return 0
 

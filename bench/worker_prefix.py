@@ -91,7 +91,8 @@ def run(client: httpx.Client, url: str, args: argparse.Namespace) -> dict[str, A
     warm_cached: list[int] = []
     problems: list[str] = []
     for i in range(args.repeats):
-        r = stream(client, url, {**base, "prompt": prefix + ids(args.suffix_tokens), "cache_salt": f"cold-{run_tag}-{i}"})
+        r = stream(client, url, {**base, "prompt": prefix + ids(args.suffix_tokens),
+                                 "cache_salt": f"cold-{run_tag}-{i}"})
         cold.append(r["ttft"])
         if r["cached"] != 0:
             problems.append(f"cold run {i}: cached_tokens={r['cached']}, expected 0")
@@ -214,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "benchmark": "worker_prefix",
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-                    "torch": importlib.metadata.version("torch"), "device": resolved_device(args.device, bool(args.url))},
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "cpu_count": os.cpu_count(), "torch": importlib.metadata.version("torch"),
+                    "device": resolved_device(args.device, bool(args.url))},
         "config": {k: getattr(args, k) for k in ("repeats", "prefix_tokens", "suffix_tokens", "decode_tokens",
                                                  "block_size")} | {"url": args.url, "worker_log": str(log_path)},
         "results": results,

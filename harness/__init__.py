@@ -1,1 +1,2 @@
-"""Running prefixroute processes on 127.0.0.1 for tests and benchmarks: free ports, start, wait, stop."""
+"""Tooling for tests and benchmarks: prefixroute processes on 127.0.0.1 (procs), and a whole fleet simulated in
+one process for routing studies (fleet_sim)."""

@@ -15,6 +15,7 @@ from loadgen import report
 from loadgen.replay import Job, Result, replay
 from loadgen.synth import KINDS, generate
 from loadgen.traces import PromptBuilder, RecordedRequest, TraceError, detect_format, read_mooncake, read_requests
+from protocol.cli import raise_open_files_limit
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -117,6 +118,7 @@ def run_one(url: str, jobs: list[Job], args: argparse.Namespace, label: str) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    raise_open_files_limit()  # open-loop replay past saturation holds a socket per request in flight
     targets = dict(u.split("=", 1) for u in args.url) if args.cmd == "compare" else {"run": args.url[0]}
     try:
         model = args.model or first_model(next(iter(targets.values())), args.api_key)

@@ -40,7 +40,8 @@ def summarize(results: list[Result], wall_s: float) -> dict[str, Any]:
     for name, w in sorted(by_worker.items()):
         per_worker[name] = {**w, "request_share": w["requests"] / len(ok),
                             "prompt_token_share": w["prompt_tokens"] / prompt if prompt else 0.0,
-                            "cached_token_ratio": w["cached_tokens"] / w["prompt_tokens"] if w["prompt_tokens"] else 0.0}
+                            "cached_token_ratio":
+                                w["cached_tokens"] / w["prompt_tokens"] if w["prompt_tokens"] else 0.0}
     counts = [w["requests"] for w in by_worker.values()]
     summary: dict[str, Any] = {
         "requests": len(results),

@@ -29,7 +29,8 @@ def generate(kind: str, requests: int, rate: float, seed: int = 0, prompts: int 
     if kind not in KINDS:
         raise ValueError(f"unknown synthetic workload {kind!r}; one of {', '.join(KINDS)}")
     rng = random.Random(seed)
-    systems = [f"You are assistant #{i}. " + _text(random.Random(seed * 1000 + i), prompt_words) for i in range(prompts)]
+    systems = [f"You are assistant #{i}. " + _text(random.Random(seed * 1000 + i), prompt_words)
+               for i in range(prompts)]
     t = 0.0
     out: list[RecordedRequest] = []
     conversations: dict[int, list[dict[str, str]]] = {}

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-
-import orjson
 from typing import Any, Protocol, TypeVar
 
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ValidationError

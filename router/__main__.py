@@ -6,8 +6,8 @@ import logging
 import sys
 
 from aiohttp import web
-from protocol.cli import settings_or_exit
 
+from protocol.cli import raise_open_files_limit, settings_or_exit
 from protocol.modelfiles import ModelNotFound, load_tokenizer, resolve_model_path
 from router.app import Router
 from router.settings import parse_args
@@ -22,9 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelNotFound, ValueError) as exc:
         print(f"cannot start the router: {exc}", file=sys.stderr)
         return 2
-    logging.getLogger("prefixroute.router").info(
-        "policy %s, %d worker(s), %s mode", settings.policy, len(settings.workers),
-        "open" if settings.open_mode else f"{len(settings.tenants)} tenant(s)")
+    log = logging.getLogger("prefixroute.router")
+    log.info("policy %s, %d worker(s), %s mode", settings.policy, len(settings.workers),
+             "open" if settings.open_mode else f"{len(settings.tenants)} tenant(s)")
+    files = raise_open_files_limit()
+    if files < 2 * settings.max_connections + 64:
+        log.warning("open files limit %d is below 2 x max_connections (%d): raise `ulimit -n`", files,
+                    settings.max_connections)
     # uvloop roughly halves the event loop's share of each proxied request; plain asyncio where it is missing.
     try:
         import uvloop

@@ -59,7 +59,10 @@ class Router:
         s = self.settings
         self.client = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=s.max_connections, limit_per_host=0, keepalive_timeout=60),
-            timeout=aiohttp.ClientTimeout(total=None, connect=s.connect_timeout_s, sock_read=s.request_timeout_s),
+            # sock_connect, not connect: aiohttp's `connect` also counts the wait for a free pooled connection, and a
+            # router at max_connections must queue requests, not mark every worker failed at once.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s,
+                                          sock_read=s.request_timeout_s),
             auto_decompress=False,
         )
         self.proxy = Proxy(self.client, self.pool, self.metrics, s.max_failover)

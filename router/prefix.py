@@ -2,8 +2,9 @@
 
 Routing key = keyed blake2b(tenant key; prompt_cache_key, first P token ids of the rendered prompt). Only as
 many characters as P tokens need are tokenized, so the cost does not grow with the prompt; repeated prefixes
-hit a small LRU of tokenizations. The session key picks a worker inside a spilled key's worker set: an explicit identity, else the conversation's
-opening (chat: up to the end of the first user message; completions: the first S tokens).
+hit a small LRU of tokenizations. The session key names a conversation, so its turns can follow its cache: an
+explicit identity, else the conversation's opening (chat: up to the end of the first user message;
+completions: the first S tokens).
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ class PrefixKeyer:
                 return (ids[: self.P] if whole else ids[: min(self.P, len(ids) - 1)]), cpt
             window *= 2
 
-    def keys(self, tenant: Tenant, req: ChatCompletionRequest | CompletionRequest, session_hint: str | None) -> RouteKeys:
+    def keys(self, tenant: Tenant, req: ChatCompletionRequest | CompletionRequest,
+             session_hint: str | None) -> RouteKeys:
         t0 = time.perf_counter()
         pck = (req.prompt_cache_key or "").encode()
         if isinstance(req, ChatCompletionRequest):

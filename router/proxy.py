@@ -9,10 +9,10 @@ Why aiohttp and not httpx here: under 64 concurrent requests httpcore's pool re-
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-
-import asyncio
 
 import aiohttp
 from aiohttp import web
@@ -100,9 +100,11 @@ class Proxy:
             # Bytes are out: no retry. End the stream with an error event the client can see.
             log.warning("upstream stream from %s broke: %s", name, type(exc).__name__)
             self.metrics.upstream_errors.labels(name, "mid_stream").inc()
-            await out.write(sse(error_body(502, "Upstream worker failed mid-stream.", code="upstream_error")))
-            await out.write(SSE_DONE)
+            with contextlib.suppress(ConnectionResetError):
+                await out.write(sse(error_body(502, "Upstream worker failed mid-stream.", code="upstream_error")))
+                await out.write(SSE_DONE)
         finally:
             up.close() if not up.content.at_eof() else up.release()
-        await out.write_eof()
+        with contextlib.suppress(ConnectionResetError):  # the client may leave after the last byte
+            await out.write_eof()
         return out

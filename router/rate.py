@@ -1,4 +1,4 @@
-"""Per-key request rates over a sliding window, in O(1) per request and bounded memory.
+"""Per-key request rates over a sliding window, in O(1) per request and bounded memory; decayed per-worker counts.
 
 Each key keeps counts in `buckets` time slices covering the window; the total over all keys is kept the
 same way, so a key's share of the traffic is one division. Keys idle for a whole window are dropped, and
@@ -7,6 +7,7 @@ at most `max_keys` are tracked (least recently seen dropped first).
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -85,3 +86,18 @@ class RateTable:
             if c.total and len(self._keys) <= cap:
                 break
             del self._keys[k]
+
+
+class DecayedCounts:
+    """Per-name counts that decay by e every `tau_s` seconds: recent work per worker, for tie-breaks."""
+
+    def __init__(self, tau_s: float = 60.0):
+        self.tau_s = tau_s
+        self._v: dict[str, tuple[float, float]] = {}  # name -> (value, at)
+
+    def get(self, name: str, now: float) -> float:
+        v = self._v.get(name)
+        return v[0] * math.exp((v[1] - now) / self.tau_s) if v else 0.0
+
+    def add(self, name: str, now: float, n: float = 1.0) -> None:
+        self._v[name] = (self.get(name, now) + n, now)

@@ -65,7 +65,7 @@ class RouterSettings(BaseSettings):
     vnodes: int = Field(160, ge=1, le=4096, description="virtual nodes per unit of weight")
     spill_rpm: float = Field(15.0, gt=0, description="R: requests/minute per key before it spills")
     rate_window_s: float = Field(60.0, gt=0)
-    max_tracked_keys: int = Field(100_000, ge=16)
+    max_tracked_keys: int = Field(100_000, ge=16, description="keys whose rate, and sessions whose worker, are kept")
     load_factor: float = Field(1.25, ge=1.0, description="c: a worker above c x mean + s in-flight is passed over")
     load_slack: float = Field(4.0, ge=0.0, description="s")
     # tenants
@@ -79,7 +79,7 @@ class RouterSettings(BaseSettings):
     connect_timeout_s: float = Field(3.0, gt=0)
     request_timeout_s: float = Field(600.0, gt=0)
     max_failover: int = Field(2, ge=0, description="other workers tried when one fails before streaming")
-    max_connections: int = Field(1024, ge=1)
+    max_connections: int = Field(4096, ge=1, description="upstream connections open at once; more requests queue")
     max_body_bytes: int = Field(32 << 20, ge=1024)
     log_level: str = "info"
 

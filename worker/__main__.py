@@ -12,8 +12,8 @@ import sys
 import psutil
 import torch
 from aiohttp import web
-from protocol.cli import settings_or_exit
 
+from protocol.cli import settings_or_exit
 from worker.engine.engine import Engine, EngineConfig
 from worker.engine.loader import ModelNotFound, load_model
 from worker.engine.runner import ModelRunner, Runner
@@ -25,13 +25,14 @@ log = logging.getLogger("prefixroute.worker")
 
 
 def _engine(settings: WorkerSettings, runner: Runner, cache_bytes: int, max_num_seqs: int,
-            max_batch_tokens: int) -> Engine:
+            max_batch_tokens: int, max_kv_tokens: int | None = None) -> Engine:
     return Engine(runner, EngineConfig(
         block_size=settings.block_size,
         cache_bytes=cache_bytes,
         max_num_seqs=max_num_seqs,
         max_batch_tokens=max_batch_tokens,
         cache_generated=settings.cache_generated,
+        max_kv_tokens=max_kv_tokens,
     ))
 
 
@@ -73,7 +74,10 @@ def build_sim(settings: WorkerSettings) -> list[WorkerServer]:
         wid = f"{settings.worker_id}-{i}" if settings.worker_id and settings.replicas > 1 else settings.worker_id
         s = settings.model_copy(update={"port": port, "worker_id": wid})
         runner = SimRunner(loaded, profile, settings.sim_speedup, settings.sim_token_scale)
-        servers.append(WorkerServer(s, loaded, _engine(s, runner, cache_bytes, max_num_seqs, max_batch_tokens)))
+        # On the GPU, running requests' KV and the prefix cache share one pool: admission waits for room in it.
+        engine = _engine(s, runner, cache_bytes, max_num_seqs, max_batch_tokens,
+                         cache_bytes // runner.kv_bytes_per_token)
+        servers.append(WorkerServer(s, loaded, engine))
     log.info("sim %s x%d: %s, cache %d tokens each, speedup %.1f, token scale %.1f", profile.name,
              settings.replicas, loaded.name, cache_bytes // servers[0].engine.runner.kv_bytes_per_token,
              settings.sim_speedup, settings.sim_token_scale)

@@ -32,6 +32,8 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily("prefixroute_worker_cache_inserted_blocks", "Blocks inserted",
                                   value=c.stats.inserted_blocks)
         yield CounterMetricFamily("prefixroute_worker_engine_steps", "Engine iterations", value=e.steps)
+        yield CounterMetricFamily("prefixroute_worker_busy_seconds", "Wall seconds the engine spent in steps",
+                                  value=e.busy_s)
 
 
 class WorkerMetrics:

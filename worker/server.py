@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from protocol.errors import APIError
-from protocol.prompt import prompt_text
 from protocol.http import SSE_DONE, SSE_HEADERS, metrics_response, openai_app, parse_model, read_json, sse
 from protocol.openai import (
     AssistantMessage,
@@ -31,10 +30,11 @@ from protocol.openai import (
     new_id,
     now,
 )
+from protocol.prompt import prompt_text
 from worker.engine.engine import Engine
 from worker.engine.loader import LoadedModel
 from worker.engine.sampling import SamplingParams
-from worker.engine.sequence import Sequence, SeqEvent
+from worker.engine.sequence import SeqEvent, Sequence
 from worker.metrics import WorkerMetrics
 from worker.settings import WorkerSettings
 

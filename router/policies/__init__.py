@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from router.policies.base import Decision, Policy, PoolView
 from router.policies.cache_aware import CacheAware
 from router.policies.consistent_hash import ConsistentHash
 from router.policies.least_loaded import LeastLoaded
 from router.policies.random import RandomPolicy
 from router.policies.round_robin import RoundRobin
+from router.rate import RateTable
 from router.settings import RouterSettings
 
 __all__ = ["Decision", "Policy", "PoolView", "make_policy"]
 
 
-def make_policy(settings: RouterSettings) -> Policy:
+def make_policy(settings: RouterSettings, clock: Callable[[], float] = time.monotonic) -> Policy:
     if settings.policy == "cache_aware":
+        rates = RateTable(settings.rate_window_s, max_keys=settings.max_tracked_keys, clock=clock)
         return CacheAware(settings.spill_rpm, settings.load_factor, settings.load_slack, settings.rate_window_s,
-                          settings.max_tracked_keys)
+                          settings.max_tracked_keys, rates, max_sessions=settings.max_tracked_keys)
     return {"consistent_hash": ConsistentHash, "round_robin": RoundRobin, "least_loaded": LeastLoaded,
             "random": RandomPolicy}[settings.policy]()

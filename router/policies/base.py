@@ -12,7 +12,7 @@ from router.ring import Ring
 @dataclass
 class Decision:
     worker: str
-    reason: str  # affinity | spill | bounded | consistent_hash | round_robin | least_loaded | random
+    reason: str  # affinity | spill | session | bounded | consistent_hash | round_robin | least_loaded | random
     fallbacks: list[str] = field(default_factory=list)  # failover order if `worker` fails before streaming
     fanout: int = 1  # workers the key is spread over (cache_aware)
 

@@ -1,18 +1,27 @@
-"""cache_aware: home worker by consistent hashing; a hot key spills over the next ring workers; sessions stay
-put inside the spill set; bounded load passes over a hot worker to the next ring worker, never fleet-wide.
+"""cache_aware: a key's home worker by consistent hashing; a hot key spills over the next ring workers; a
+conversation stays on the worker that served its last turn; bounded load passes over a hot worker.
 
-k = 1 at or below R requests/minute; above, k = max(ceil(rate / R), ceil(N x share)) workers in ring order
-from the home. Within them, a session goes to bucket jump_hash(session, k), so growing k moves few sessions.
-A worker whose in-flight count would exceed ceil(c x mean) + s (mean counting this request) is passed over.
+- Fan-out: k = 1 at or below R requests/minute on the key; above, k = max(ceil(rate / R), ceil(N x share))
+  workers in ring order from the home. All k come to hold the key's shared prefix.
+- Sessions: a session seen before goes back to the worker that served its last turn (that worker holds the
+  longest cached prefix of the conversation), unless that worker is over the bound. A new session, or one
+  moved off a hot worker, goes to the k worker with the fewest requests in flight, ties going to the one sent
+  the fewest requests lately (counts decaying over the rate window), then to scan order from the session's
+  jump-hash bucket. Long conversations pin their turns to one worker; placing new sessions this way evens
+  out the request counts they leave behind. The table is an LRU of `max_sessions` entries, local to this
+  router.
+- Bound (Mirrokni et al.): a worker whose in-flight count would exceed ceil(c x mean) + s, the mean counting
+  this request, is passed over for the next ring worker under the bound, never fleet-wide.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 from router.policies.base import Decision, PoolView
 from router.prefix import RouteKeys
-from router.rate import RateTable
+from router.rate import DecayedCounts, RateTable
 from router.ring import jump_hash
 
 
@@ -20,11 +29,15 @@ class CacheAware:
     name = "cache_aware"
 
     def __init__(self, spill_rpm: float = 15.0, load_factor: float = 1.25, load_slack: float = 4.0,
-                 window_s: float = 60.0, max_keys: int = 100_000, rates: RateTable | None = None):
+                 window_s: float = 60.0, max_keys: int = 100_000, rates: RateTable | None = None,
+                 max_sessions: int = 100_000):
         self.R = spill_rpm
         self.c = load_factor
         self.s = load_slack
         self.rates = rates if rates is not None else RateTable(window_s=window_s, max_keys=max_keys)
+        self.max_sessions = max_sessions
+        self.recent = DecayedCounts(window_s)
+        self.sessions: OrderedDict[bytes, str] = OrderedDict()  # session key -> worker of its last turn
 
     def fanout(self, rate: float, share: float, n: int) -> int:
         if rate <= self.R or n <= 1:
@@ -36,14 +49,32 @@ class CacheAware:
         n = len(order)
         rate, share = self.rates.hit(keys.key)
         k = self.fanout(rate, share, n)
-        start = jump_hash(int.from_bytes(keys.session[:8], "little"), k) if k > 1 else 0
-        # Mirrokni et al.: capacity ceil(c x mean), the mean counting this request; plus the slack s.
         bound = math.ceil(self.c * (pool.total_inflight + 1) / n) + self.s
-        pick = start
-        for step in range(n):
-            i = (start + step) % n
-            if pool.inflight(order[i]) + 1 <= bound:
-                pick = i
-                break
-        reason = "bounded" if pick != start else ("spill" if k > 1 else "affinity")
+        last = self.sessions.get(keys.session)
+        now = self.rates.clock()
+        if last is not None and pool.inflight(last) + 1 <= bound and last in order:
+            self._remember(keys.session, last, now)
+            i = order.index(last)
+            return Decision(last, "session", order[i + 1:] + order[:i], k)
+        start = jump_hash(int.from_bytes(keys.session[:8], "little"), k) if k > 1 else 0
+        pick, best = start, (pool.inflight(order[start]), self.recent.get(order[start], now))
+        for step in range(1, k):
+            i = (start + step) % k
+            score = (pool.inflight(order[i]), self.recent.get(order[i], now))
+            if score < best:
+                pick, best = i, score
+        if best[0] + 1 > bound:
+            for i in range(k, n):
+                if pool.inflight(order[i]) + 1 <= bound:
+                    pick = i
+                    break
+        reason = "bounded" if last is not None or pick >= k else ("spill" if k > 1 else "affinity")
+        self._remember(keys.session, order[pick], now)
         return Decision(order[pick], reason, order[pick + 1:] + order[:pick], k)
+
+    def _remember(self, session: bytes, worker: str, now: float) -> None:
+        self.recent.add(worker, now)
+        self.sessions[session] = worker
+        self.sessions.move_to_end(session)
+        if len(self.sessions) > self.max_sessions:
+            self.sessions.popitem(last=False)

@@ -9,7 +9,7 @@ import pytest
 from worker.engine.engine import Engine, EngineConfig
 from worker.engine.runner import ModelRunner
 from worker.engine.sampling import SamplingParams
-from worker.engine.sequence import Sequence, SeqEvent
+from worker.engine.sequence import SeqEvent, Sequence
 
 pytestmark = pytest.mark.model
 B = 16
@@ -63,7 +63,8 @@ def chat_ids(tok, system: str, user: str) -> list[int]:
 
 SYSTEM = "You are a careful assistant for a shipping company. " + " ".join(
     f"Rule {i}: parcels of class {i} travel by route {i * 7 % 13}." for i in range(40))
-QUESTIONS = ["Which route does class 3 take?", "Summarize rule 12.", "What is a parcel?", "Which route does class 3 take?"]
+QUESTIONS = ["Which route does class 3 take?", "Summarize rule 12.", "What is a parcel?",
+             "Which route does class 3 take?"]
 
 
 def shared_full_blocks(a: list[int], b: list[int]) -> int:

@@ -7,8 +7,8 @@ import threading
 import pytest
 import torch
 
-from worker.engine.engine import Engine, EngineConfig
 from protocol.modelfiles import ModelNotFound, default_model_path, served_name
+from worker.engine.engine import Engine, EngineConfig
 from worker.engine.loader import load_model
 from worker.engine.runner import ModelRunner
 from worker.engine.sampling import SamplingParams

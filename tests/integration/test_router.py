@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from harness.procs import start_router, start_sim_workers, start_worker, stop_process
+from harness.procs import start_router, start_worker, stop_process
 
 pytestmark = pytest.mark.model
 

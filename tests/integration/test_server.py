@@ -162,6 +162,7 @@ def test_metrics_count_prompt_and_cached_tokens(worker_url, client, model):
     assert after['prefixroute_worker_requests_total{endpoint="chat",status="200"}'] >= 2
     assert after["prefixroute_worker_cache_used_bytes"] > 0
     assert after["prefixroute_worker_cache_used_bytes"] <= after["prefixroute_worker_cache_capacity_bytes"]
+    assert after["prefixroute_worker_busy_seconds_total"] > before.get("prefixroute_worker_busy_seconds_total", 0)
 
 
 async def test_client_disconnect_frees_the_engine_slot(worker_url):

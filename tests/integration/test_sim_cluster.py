@@ -3,13 +3,15 @@ endpoints, and cache-aware routing keeping a shared prefix on one replica."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 
 import httpx
 import openai
 import pytest
 
-from harness.procs import start_router, start_sim_workers, start_worker, stop_process
+from harness.procs import start_router, start_sim_workers, stop_process
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +58,32 @@ def test_client_leaving_a_routed_stream_aborts_it_on_the_worker(sim_cluster):
         for line in r.iter_lines():
             if line.startswith("data: "):
                 break  # leave after the first chunk
-    import time
-
     for _ in range(100):
         if httpx.get(worker + "/health", timeout=5).json()["running"] == 0:
             return
         time.sleep(0.1)
     raise AssertionError("the worker kept generating for a client that left")
+
+
+def test_a_full_upstream_pool_queues_requests_instead_of_failing_workers():
+    # Two upstream connections for eight concurrent 1-2 s requests, and a 0.3 s connect timeout: requests must
+    # wait for a free connection. Counting that wait as a failed connect would take both workers out.
+    urls, workers = start_sim_workers(2, "--sim-speedup", "1")
+    router, rproc = start_router(urls, env={"PREFIXROUTE_ROUTER_MAX_CONNECTIONS": "2",
+                                            "PREFIXROUTE_ROUTER_CONNECT_TIMEOUT_S": "0.3"})
+    try:
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                return await asyncio.gather(*(client.post(router + "/v1/completions", json={
+                    "prompt": [1000 + i] * 40, "max_tokens": 200}) for i in range(8)))
+
+        t0 = time.monotonic()
+        out = asyncio.run(burst())
+        assert [r.status_code for r in out] == [200] * 8, [r.text for r in out if r.status_code != 200]
+        assert all(r.json()["usage"]["completion_tokens"] == 200 for r in out)
+        assert time.monotonic() - t0 > 2.0  # they did queue: 8 requests through 2 connections
+        metrics = httpx.get(router + "/metrics", timeout=10).text
+        assert "prefixroute_router_upstream_errors_total{" not in metrics
+    finally:
+        stop_process(rproc)
+        stop_process(workers)

@@ -36,7 +36,7 @@ def test_malformed_mooncake_lines_name_file_and_line(tmp_path, bad, message):
     p = write(tmp_path, "t.jsonl", [GOOD, GOOD, bad])
     with pytest.raises(TraceError) as exc:
         read_mooncake(p)
-    assert f"t.jsonl:3:" in str(exc.value) and message in str(exc.value)
+    assert "t.jsonl:3:" in str(exc.value) and message in str(exc.value)
 
 
 def test_formats_are_detected_and_parsed(tmp_path):

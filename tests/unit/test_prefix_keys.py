@@ -8,8 +8,8 @@ import pytest
 from protocol.modelfiles import default_model_path, load_tokenizer
 from protocol.openai import ChatCompletionRequest, CompletionRequest
 from router.prefix import PrefixKeyer
-from router.tenants import Tenant, Tenants, derive_key
 from router.settings import TenantConfig
+from router.tenants import Tenant, Tenants, derive_key
 
 A = Tenant("a", derive_key("secret-a"))
 B = Tenant("b", derive_key("secret-b"))

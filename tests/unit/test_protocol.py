@@ -4,7 +4,7 @@ import pytest
 
 from protocol.errors import APIError
 from protocol.http import parse_model
-from protocol.openai import ChatCompletionChunk, ChatChunkChoice, ChatDelta, ChatCompletionRequest, CompletionRequest
+from protocol.openai import ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatDelta, CompletionRequest
 
 MSG = [{"role": "user", "content": "hi"}]
 

@@ -45,10 +45,11 @@ def test_a_key_always_maps_to_the_same_worker(n, key):
     pool = pool_of(n)
     ch, ca = ConsistentHash(), CacheAware()
     first = ch.choose(keys(key), pool).worker
-    for _ in range(5):
+    for j in range(5):
         assert ch.choose(keys(key), pool).worker == first
-        d = ca.choose(keys(key), pool)  # 6 requests/minute: below R, so it stays home
+        d = ca.choose(keys(key, session=j), pool)  # new sessions at 6 requests/minute: below R, so home
         assert d.worker == first and d.reason == "affinity"
+        assert ca.choose(keys(key, session=j), pool) == d.__class__(first, "session", d.fallbacks, 1)
 
 
 @settings(max_examples=10, deadline=None)
@@ -122,6 +123,67 @@ def test_a_key_with_all_the_traffic_spreads_over_all_workers():
         d = policy.choose(keys(0, session=i % 500), pool)
         used.add(d.worker)
     assert d.fanout == 32 and len(used) == 32
+
+
+def test_a_session_moved_off_a_hot_worker_stays_on_its_new_worker():
+    clock = Clock()
+    policy = CacheAware(load_factor=1.0, load_slack=0, rates=RateTable(clock=clock))
+    pool = pool_of(8)
+    home = policy.choose(keys(3, session=1), pool).worker
+    for _ in range(4):  # the session's worker gets busy: the next turn is passed over to another worker
+        pool.acquire(home)
+    moved = policy.choose(keys(3, session=1), pool)
+    assert moved.worker != home and moved.reason == "bounded"
+    for _ in range(4):
+        pool.release(home)
+    again = policy.choose(keys(3, session=1), pool)  # home is idle again, but the new worker has the newest turn
+    assert again.worker == moved.worker and again.reason == "session"
+
+
+def test_new_sessions_of_a_spilled_key_go_to_the_least_loaded_workers():
+    clock = Clock()
+    policy = CacheAware(rates=RateTable(clock=clock))
+    pool = pool_of(8)
+    for i in range(400):  # 400 requests/minute on one key: it spills over all 8 workers
+        clock.t += 0.15
+        policy.choose(keys(5, session=10_000 + i), pool)
+    busy = pool.active[:4]
+    for w in busy:
+        for _ in range(3):
+            pool.acquire(w)
+    picks = []
+    for i in range(4):
+        d = policy.choose(keys(5, session=i), pool)
+        assert d.fanout == 8 and d.worker not in busy
+        pool.acquire(d.worker)
+        picks.append(d.worker)
+    assert len(set(picks)) == 4  # each time the emptiest, so the four idle workers get one each
+
+
+def test_new_sessions_even_out_the_requests_long_conversations_leave():
+    clock = Clock()
+    policy = CacheAware(rates=RateTable(clock=clock))
+    pool = pool_of(8)
+    counts: dict[str, int] = {}
+    session = 0
+    for i in range(1600):  # one conversation of 100 turns among 1500 one-turn sessions, nothing in flight
+        clock.t += 0.05
+        if i % 16 == 0:
+            d = policy.choose(keys(2, session=-1), pool)
+        else:
+            session += 1
+            d = policy.choose(keys(2, session=session), pool)
+        counts[d.worker] = counts.get(d.worker, 0) + 1
+    # by hash alone its worker would get 100 + 1500 / 8 = 287 requests (1.44 x the mean); it gets fewer new ones
+    assert max(counts.values()) / (1600 / 8) <= 1.05
+
+
+def test_the_session_table_is_bounded():
+    policy = CacheAware(rates=RateTable(clock=Clock()), max_sessions=100)
+    pool = pool_of(4)
+    for i in range(1000):
+        policy.choose(keys(1, session=i), pool)
+    assert len(policy.sessions) == 100
 
 
 @given(st.integers(0, 2**64 - 1), st.integers(1, 64))

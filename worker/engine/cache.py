@@ -91,7 +91,8 @@ class BlockCache:
         self._pin(blk)
         return blk
 
-    def insert(self, h: bytes, parent: Block | None, token_ids: Sequence[int], payload: Any, nbytes: int) -> Block | None:
+    def insert(self, h: bytes, parent: Block | None, token_ids: Sequence[int], payload: Any,
+               nbytes: int) -> Block | None:
         """Insert a new block (pinned) under a pinned `parent`; None if it can't fit or the hash is taken."""
         if h in self._index or nbytes > self.capacity_bytes:
             self.stats.rejected_blocks += 1

@@ -30,6 +30,9 @@ class EngineConfig:
     max_num_seqs: int = 16
     max_batch_tokens: int = 512
     cache_generated: bool = True
+    # Admit a request only while the running requests' KV (kv_reserve each) fits in this many tokens, as a GPU
+    # engine whose running and cached KV share one pool does (vLLM). None: max_num_seqs alone bounds admission.
+    max_kv_tokens: int | None = None
 
 
 class Engine:
@@ -38,7 +41,7 @@ class Engine:
         self.config = config
         self.tokenizer = runner.loaded.tokenizer
         self.cache = BlockCache(config.block_size, config.cache_bytes)
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_batch_tokens)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_batch_tokens, config.max_kv_tokens)
         self.stop_token_ids = runner.stop_token_ids()
         self.block_bytes = runner.kv_bytes_per_token * config.block_size
         self._inbox: queue.SimpleQueue[tuple[str, Sequence]] = queue.SimpleQueue()
@@ -46,6 +49,7 @@ class Engine:
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.busy_s = 0.0  # wall seconds spent in steps: the GPU's busy time, the worker's load
         self.generated_tokens = 0
 
     # ---- thread-safe API ----------------------------------------------------------------------------------
@@ -111,6 +115,7 @@ class Engine:
                 self._finish(seq, reason="abort", notify=False)
 
     def step(self) -> None:
+        t0 = time.perf_counter()
         plan = self.scheduler.plan()
         for seq in plan.admitted:
             self._admit(seq)
@@ -125,6 +130,7 @@ class Engine:
             for seq, logits in zip(decoding, self.runner.decode(decoding)):
                 self._sample(seq, logits)
         self.steps += 1
+        self.busy_s += time.perf_counter() - t0
 
     # ---- per-sequence work --------------------------------------------------------------------------------
 
@@ -134,9 +140,7 @@ class Engine:
         max_blocks = (seq.num_prompt - 1) // B
         seq.blocks = self.cache.acquire_prefix(seq.prompt_ids, seq.salt, max_blocks)
         seq.num_cached_tokens = len(seq.blocks) * B
-        # Room for the prompt and a first stretch of output; the buffer doubles if the answer runs longer.
-        reserve = seq.num_prompt + min(seq.params.max_tokens, 256)
-        seq.kv = self.runner.kv_from_blocks([b.payload for b in seq.blocks], reserve)
+        seq.kv = self.runner.kv_from_blocks([b.payload for b in seq.blocks], seq.kv_reserve)
         seq.num_computed = seq.num_cached_tokens
         seq.sampler = Sampler(seq.params, self.runner.device)
         seq.text = TextState(self._decode, seq.params.stop)

@@ -1,5 +1,6 @@
-"""Iteration-level scheduler: each step admits waiting sequences, gives one prefill chunk the token budget
-left after every decoding sequence's one token, and never lets a request wait for another to finish."""
+"""Iteration-level scheduler: each step admits waiting sequences (first come, first served, while the batch and
+the KV pool have room), gives one prefill chunk the token budget left after every decoding sequence's one token,
+and never lets a request wait for another to finish."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_batch_tokens: int):
+    def __init__(self, max_num_seqs: int, max_batch_tokens: int, max_kv_tokens: int | None = None):
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
+        self.max_kv_tokens = max_kv_tokens
+        self.kv_tokens = 0  # reserved by the running sequences
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -32,13 +35,18 @@ class Scheduler:
     def remove(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
+            self.kv_tokens -= seq.kv_reserve
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
     def plan(self) -> StepPlan:
         admitted = []
         while self.waiting and len(self.running) < self.max_num_seqs:
+            need = self.waiting[0].kv_reserve
+            if self.running and self.max_kv_tokens is not None and self.kv_tokens + need > self.max_kv_tokens:
+                break  # the oldest waits for KV to free up; a lone request is always admitted
             seq = self.waiting.popleft()
+            self.kv_tokens += need
             seq.status = Status.RUNNING
             self.running.append(seq)
             admitted.append(seq)

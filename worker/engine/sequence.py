@@ -99,6 +99,12 @@ class Sequence:
         return len(self.prompt_ids)
 
     @property
+    def kv_reserve(self) -> int:
+        """Tokens of KV set aside at admission: the prompt and a first stretch of output (the buffer grows if the
+        answer runs longer)."""
+        return self.num_prompt + min(self.params.max_tokens, 256)
+
+    @property
     def prefilling(self) -> bool:
         return self.num_computed < self.num_prompt
 

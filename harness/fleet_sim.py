@@ -1,0 +1,226 @@
+"""A fleet in one process, for routing studies without servers: a Mooncake trace through the router's own
+policies and worker pool to simulated workers, each with the worker's own BlockCache and the sim backend's GPU
+cost model, in one discrete-event loop; and the offline references (one pooled LRU of the fleet's total size,
+an infinite cache). One trace block is one cache entry (a block_size-1 chain over hash ids), so prefix
+semantics are the engine's.
+
+Each simulated worker: a FIFO prefill server (profile.prefill_s on the uncached tokens, plus one decode step
+of the running batch per prefill, as chunked-prefill engines interleave them), then decode for
+min(output, cap) steps at the batch's step time; a request starts only when its KV (prompt + output) fits in
+the GPU's KV pool beside the running ones, as the engine's scheduler admits. The cache is looked up when prefill starts and the prompt's
+blocks are inserted when it ends, as in the engine. The router sees in-flight counts (arrival to last token),
+what WorkerPool counts live.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+from collections import deque
+from dataclasses import dataclass, field
+from hashlib import blake2b
+from pathlib import Path
+from typing import Any
+
+from loadgen.report import percentile
+from router.policies import make_policy
+from router.prefix import RouteKeys
+from router.settings import RouterSettings
+from router.workers import WorkerPool
+from worker.engine.cache import BlockCache
+from worker.sim import GpuProfile
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACE = ROOT.parent / "shared" / "traces" / "conversation_trace.jsonl"
+TRACE_BLOCK = 512  # tokens per Mooncake hash id
+
+
+def load_trace(path: Path = TRACE, n: int | None = None) -> list[dict[str, Any]]:
+    out = []
+    with open(path) as f:
+        for line in f:
+            out.append(json.loads(line))
+            if n is not None and len(out) == n:
+                break
+    return out
+
+
+def cached_tokens(req: dict[str, Any], hit_blocks: int) -> int:
+    """Counted like a worker counts: whole blocks only, and never the prompt's last token."""
+    return min(hit_blocks, (req["input_length"] - 1) // TRACE_BLOCK) * TRACE_BLOCK
+
+
+def insert_chain(cache: BlockCache, ids: list[int], chain: list) -> list:
+    """Insert the trace blocks after `chain` (the cached prefix); returns the chain as far as it got."""
+    parent = chain[-1] if chain else None
+    for i in range(len(chain), len(ids)):
+        blk = cache.insert(cache.child_hash(parent, None, ids[i:i + 1]), parent, ids[i:i + 1], None, 1)
+        if blk is None:
+            break
+        chain.append(blk)
+        parent = blk
+    return chain
+
+
+def per_worker_blocks(profile: GpuProfile) -> int:
+    return profile.kv_capacity_bytes // (profile.kv_bytes_per_token * TRACE_BLOCK)
+
+
+def offline_hit_ratio(reqs: list[dict[str, Any]], capacity_blocks: int | None) -> float:
+    """Cached / prompt tokens through one LRU of `capacity_blocks` trace blocks (None: infinite), with the
+    worker's own BlockCache."""
+    cache = BlockCache(1, capacity_blocks if capacity_blocks is not None else 1 << 62)
+    hits = total = 0
+    for r in reqs:
+        ids = r["hash_ids"]
+        chain = cache.acquire_prefix(ids, None, len(ids))
+        hits += cached_tokens(r, len(chain))
+        total += r["input_length"]
+        cache.release(insert_chain(cache, ids, chain))
+    return hits / total
+
+
+def saturation_speed(reqs: list[dict[str, Any]], n: int, pooled_hit: float, profile: GpuProfile,
+                     target_util: float = 0.85) -> float:
+    """Trace speed-up at which the fleet's estimated GPU work fills `target_util` of N GPUs: prefill of the
+    tokens a pooled cache would miss, plus each request's share of batched decode steps (batch of ~32)."""
+    span_s = (reqs[-1]["timestamp"] - reqs[0]["timestamp"]) / 1000 or 1.0
+    work = 0.0
+    for r in reqs:
+        new = int(r["input_length"] * (1 - pooled_hit))
+        work += profile.prefill_s(new, r["input_length"] - new) + profile.step_overhead_s
+        work += r["output_length"] * (profile.decode_weights_s / 32 + profile.decode_s_per_ctx_token *
+                                      r["input_length"])
+    return target_util * n * span_s / work
+
+
+def _digest(*parts: Any) -> bytes:
+    return blake2b(repr(parts).encode(), digest_size=16).digest()
+
+
+def route_keys(req: dict[str, Any], prefix_tokens: int = 256, session_tokens: int = 1024) -> RouteKeys:
+    """What the router computes for a completion prompt built from this trace line: the routing key over the
+    first P tokens, the session key over the first S tokens (blocks are 512 tokens, cut at the input length)."""
+    n = req["input_length"]
+    p, s = min(n, prefix_tokens), min(n, session_tokens)
+    ids = req["hash_ids"]
+    return RouteKeys(_digest(ids[:-(-p // TRACE_BLOCK)], p), _digest(ids[:-(-s // TRACE_BLOCK)], s), p, 0.0)
+
+
+@dataclass
+class SimWorker:
+    name: str
+    cache: BlockCache
+    queue: deque = field(default_factory=deque)
+    prefilling: bool = False
+    decoding: dict[int, int] = field(default_factory=dict)  # request index -> context tokens
+    kv_tokens: int = 0  # reserved by admitted requests (prompt + output), as the engine's scheduler counts
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    busy_s: float = 0.0
+
+
+@dataclass
+class Outcome:
+    hit_ratio: float
+    max_mean: float
+    ttft_p50_s: float
+    ttft_p99_s: float
+    reasons: dict[str, int]
+    busy_max_mean: float
+
+
+def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed: float,
+             profile: GpuProfile = GpuProfile(), max_output: int = 64) -> Outcome:
+    """Replay `reqs` at `speed` x trace time through `settings.policy` to n simulated workers."""
+    clock = [0.0]
+    policy = make_policy(settings, clock=lambda: clock[0])
+    pool = WorkerPool(vnodes=settings.vnodes)
+    cap = per_worker_blocks(profile)
+    kv_cap = profile.kv_capacity_bytes // profile.kv_bytes_per_token
+    workers = {}
+    for i in range(n):
+        w = pool.add(f"http://w{i}:8000")
+        pool.mark_ok(w.url)
+        workers[w.url] = SimWorker(w.url, BlockCache(1, cap))
+    events: list[tuple[float, int, str, Any]] = []
+    seq = 0
+
+    def push(t: float, kind: str, data: Any) -> None:
+        nonlocal seq
+        seq += 1
+        heapq.heappush(events, (t, seq, kind, data))
+
+    t0 = reqs[0]["timestamp"]
+    for i, r in enumerate(reqs):
+        push((r["timestamp"] - t0) / 1000 / speed, "arrive", i)
+    ttft: list[float] = []
+    arrive_t: dict[int, float] = {}
+    reasons: dict[str, int] = {}
+    pins: dict[int, list] = {}
+
+    def reserve(r: dict[str, Any]) -> int:
+        return r["input_length"] + min(r["output_length"], max_output)
+
+    def start_prefill(w: SimWorker, now: float) -> None:
+        if w.prefilling or not w.queue:
+            return
+        r = reqs[w.queue[0]]
+        if w.decoding and w.kv_tokens + reserve(r) > kv_cap:
+            return  # admission waits for KV room, as the engine's scheduler does
+        i = w.queue.popleft()
+        w.kv_tokens += reserve(r)
+        ids = r["hash_ids"]
+        chain = w.cache.acquire_prefix(ids, None, len(ids))
+        cached = cached_tokens(r, len(chain))
+        w.prompt_tokens += r["input_length"]
+        w.cached_tokens += cached
+        pins[i] = chain
+        dt = profile.step_overhead_s + profile.prefill_s(r["input_length"] - cached, cached)
+        if w.decoding:
+            dt += profile.decode_s(list(w.decoding.values()))
+        w.busy_s += dt
+        w.prefilling = True
+        push(now + dt, "prefilled", (w.name, i))
+
+    while events:
+        now, _, kind, data = heapq.heappop(events)
+        clock[0] = now
+        if kind == "arrive":
+            r = reqs[data]
+            d = policy.choose(route_keys(r, settings.prefix_tokens, settings.session_tokens), pool)
+            reasons[d.reason] = reasons.get(d.reason, 0) + 1
+            pool.acquire(d.worker)
+            w = workers[d.worker]
+            w.requests += 1
+            arrive_t[data] = now
+            w.queue.append(data)
+            start_prefill(w, now)
+        elif kind == "prefilled":
+            name, i = data
+            w = workers[name]
+            r = reqs[i]
+            pins[i] = insert_chain(w.cache, r["hash_ids"], pins[i])
+            ttft.append(now - arrive_t[i])
+            w.prefilling = False
+            steps = max(0, min(r["output_length"], max_output) - 1)
+            w.decoding[i] = r["input_length"]
+            step = profile.step_overhead_s + profile.decode_s(list(w.decoding.values()))
+            w.busy_s += steps * step / max(1, len(w.decoding))
+            push(now + steps * step, "done", (name, i))
+            start_prefill(w, now)
+        else:
+            name, i = data
+            w = workers[name]
+            del w.decoding[i]
+            w.kv_tokens -= reserve(reqs[i])
+            w.cache.release(pins.pop(i))
+            pool.release(name)
+            start_prefill(w, now)
+    ws = list(workers.values())
+    mean = sum(w.requests for w in ws) / n
+    busy_mean = sum(w.busy_s for w in ws) / n
+    return Outcome(sum(w.cached_tokens for w in ws) / sum(w.prompt_tokens for w in ws),
+                   max(w.requests for w in ws) / mean, percentile(ttft, 50) or 0.0, percentile(ttft, 99) or 0.0,
+                   reasons, max(w.busy_s for w in ws) / busy_mean if busy_mean else 0.0)

@@ -1,0 +1,44 @@
+"""The in-process fleet simulation: known answers for the offline references, and the real trace through the
+router's own policies (cache_aware near the pooled cache, round_robin far below it)."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.fleet_sim import TRACE, load_trace, offline_hit_ratio, per_worker_blocks, saturation_speed, simulate
+from router.settings import RouterSettings
+from worker.sim import GpuProfile
+
+needs_trace = pytest.mark.skipif(not TRACE.exists(), reason="the Mooncake trace is not beside the repo (../shared)")
+
+
+def test_offline_references_on_a_constructed_trace():
+    reqs = [{"timestamp": 0, "input_length": 1024, "output_length": 1, "hash_ids": [0, 1]},
+            {"timestamp": 1, "input_length": 1536, "output_length": 1, "hash_ids": [0, 1, 2]},
+            {"timestamp": 2, "input_length": 1024, "output_length": 1, "hash_ids": [0, 5]}]
+    total = 1024 + 1536 + 1024
+    # infinite: the second request reuses blocks 0-1, the third block 0
+    assert offline_hit_ratio(reqs, None) == pytest.approx((1024 + 512) / total)
+    # one block of room: only block 0 is ever cached (block 1 finds it pinned), so each later request gets 512
+    assert offline_hit_ratio(reqs, 1) == pytest.approx((512 + 512) / total)
+
+
+def test_a_request_never_counts_its_last_token_as_cached():
+    reqs = [{"timestamp": 0, "input_length": 1024, "output_length": 1, "hash_ids": [0, 1]}] * 2
+    assert offline_hit_ratio(reqs, None) == pytest.approx(512 / 2048)  # block 1 holds the last token
+
+
+@needs_trace
+def test_cache_aware_reaches_the_pooled_cache_and_round_robin_does_not():
+    reqs = load_trace(TRACE, 1500)
+    profile = GpuProfile()
+    n = 8
+    pooled = offline_hit_ratio(reqs, n * per_worker_blocks(profile))
+    speed = saturation_speed(reqs, n, pooled, profile)
+    ca = simulate(reqs, n, RouterSettings(workers=[], policy="cache_aware"), speed, profile)
+    rr = simulate(reqs, n, RouterSettings(workers=[], policy="round_robin"), speed, profile)
+    assert 0 < pooled <= offline_hit_ratio(reqs, None)
+    assert ca.hit_ratio >= 0.9 * pooled and ca.max_mean <= 1.25
+    assert rr.hit_ratio <= 0.5 * pooled and rr.max_mean <= 1.01
+    assert ca.ttft_p50_s < rr.ttft_p50_s  # hits shorten prefill, and so the queues behind it
+    assert ca.reasons.get("session", 0) > 0 and set(rr.reasons) == {"round_robin"}

@@ -1,0 +1,41 @@
+"""The scheduler's admission: first come, first served, bounded by the batch size and, when set, by the KV pool
+that running requests and the prefix cache share on a GPU."""
+
+from __future__ import annotations
+
+from worker.engine.sampling import SamplingParams
+from worker.engine.scheduler import Scheduler
+from worker.engine.sequence import Sequence, Status
+
+
+def seq(prompt: int, max_tokens: int = 100) -> Sequence:
+    return Sequence(list(range(prompt)), SamplingParams(max_tokens=max_tokens), None, lambda e: None)
+
+
+def test_admission_waits_for_room_in_the_kv_pool():
+    s = Scheduler(max_num_seqs=8, max_batch_tokens=512, max_kv_tokens=1000)
+    a, b, c = seq(400), seq(400), seq(400)  # 500 tokens reserved each
+    for x in (a, b, c):
+        s.add(x)
+    plan = s.plan()
+    assert plan.admitted == [a, b] and c.status is Status.WAITING and s.kv_tokens == 1000
+    s.remove(a)
+    assert s.plan().admitted == [c] and s.kv_tokens == 1000
+
+
+def test_first_come_first_served_and_a_lone_request_always_runs():
+    s = Scheduler(max_num_seqs=8, max_batch_tokens=512, max_kv_tokens=1000)
+    huge, small = seq(5000), seq(10)
+    s.add(huge)
+    s.add(small)
+    assert s.plan().admitted == [huge]  # bigger than the pool, but alone: it runs
+    assert s.plan().admitted == []  # the small one waits behind it rather than jumping the queue
+    s.remove(huge)
+    assert s.plan().admitted == [small] and s.kv_tokens == small.kv_reserve == 110
+
+
+def test_without_a_kv_bound_only_the_batch_size_limits_admission():
+    s = Scheduler(max_num_seqs=2, max_batch_tokens=512)
+    for _ in range(3):
+        s.add(seq(10_000))
+    assert len(s.plan().admitted) == 2 and len(s.waiting) == 1
