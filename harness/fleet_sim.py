@@ -7,9 +7,9 @@ semantics are the engine's.
 Each simulated worker: a FIFO prefill server (profile.prefill_s on the uncached tokens, plus one decode step
 of the running batch per prefill, as chunked-prefill engines interleave them), then decode for
 min(output, cap) steps at the batch's step time; a request starts only when its KV (prompt + output) fits in
-the GPU's KV pool beside the running ones, as the engine's scheduler admits. The cache is looked up when prefill starts and the prompt's
-blocks are inserted when it ends, as in the engine. The router sees in-flight counts (arrival to last token),
-what WorkerPool counts live.
+the GPU's KV pool beside the running ones, as the engine's scheduler admits. The cache is looked up when
+prefill starts and the prompt's blocks are inserted when it ends, as in the engine. The router sees in-flight
+counts (arrival to last token), what WorkerPool counts live.
 """
 
 from __future__ import annotations
