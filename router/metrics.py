@@ -1,5 +1,5 @@
 """Prometheus metrics of the router. Labels carry route decisions, statuses and worker URLs only:
-never prompt text, routing keys, tenants' secrets or API keys."""
+never prompt text, routing keys, tenants' secrets or API keys. A removed worker's series are dropped."""
 
 from __future__ import annotations
 
@@ -52,3 +52,8 @@ class RouterMetrics:
         self.prefix_tokens = Histogram("prefixroute_router_prefix_tokens", "Tokens hashed into the routing key",
                                        buckets=(16, 32, 64, 128, 256, 512, 1024), registry=r)
         r.register(_PoolCollector(pool))
+        pool.on_remove.append(self.forget_worker)
+
+    def forget_worker(self, worker: str) -> None:
+        for m in (self.requests, self.upstream_latency, self.upstream_errors):
+            m.remove_by_labels({"worker": worker})

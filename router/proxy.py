@@ -1,6 +1,7 @@
 """Forwarding to a worker over one pooled aiohttp client session: SSE passed through chunk by chunk, failover
 to the next candidate when a worker cannot be reached or answers 502/503 before anything was streamed, never
-after.
+after. Each of those failures counts towards the worker's failure threshold (a refused connection reaches it at
+once); consecutive failures at the threshold take the worker off the ring until a health probe brings it back.
 
 Why aiohttp and not httpx here: under 64 concurrent requests httpcore's pool re-checks every pooled connection
 (getpeername, readability) on each request; that took 68% of the router's CPU and capped it near 350 requests/s
@@ -38,7 +39,7 @@ class Proxy:
 
     async def forward(self, request: web.Request, path: str, body: bytes, decision: Decision,
                       extra_headers: dict[str, str]) -> web.StreamResponse:
-        candidates = [decision.worker] + decision.fallbacks[: self.max_failover]
+        candidates = [decision.worker] + decision.fallbacks(self.max_failover)
         route = decision.reason
         last_error = "no worker could be reached"
         for attempt, name in enumerate(candidates):
@@ -63,8 +64,10 @@ class Proxy:
                 if up.status in _RETRYABLE_STATUS:
                     up.release()
                     self.metrics.upstream_errors.labels(name, str(up.status)).inc()
+                    self.pool.mark_failed(name)
                     last_error = f"worker answered {up.status}"
                     continue
+                w.fails = 0  # failures count only when consecutive
                 headers = {"x-prefixroute-worker": name, "x-prefixroute-route": route, **extra_headers}
                 resp = await self._relay(request, name, up, headers)
                 self.metrics.requests.labels(route, name, str(up.status)).inc()

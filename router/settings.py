@@ -75,7 +75,8 @@ class RouterSettings(BaseSettings):
     # upstream
     health_interval_s: float = Field(2.0, gt=0)
     health_timeout_s: float = Field(2.0, gt=0)
-    fail_threshold: int = Field(2, ge=1, description="consecutive failed probes before a worker leaves the ring")
+    fail_threshold: int = Field(2, ge=1, description="consecutive failures (probes, broken connections, 502/503 "
+                                "answers) before a worker leaves the ring; a refused connection takes it off at once")
     connect_timeout_s: float = Field(3.0, gt=0)
     request_timeout_s: float = Field(600.0, gt=0)
     max_failover: int = Field(2, ge=0, description="other workers tried when one fails before streaming")

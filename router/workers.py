@@ -1,13 +1,15 @@
 """The worker pool: membership (static + admin API), health (active probes, passive failures), draining,
 and in-flight counts kept incrementally so that a decision never sums over workers.
 
-Only healthy, non-draining workers are on the ring; when one leaves, only the keys it owned move.
+Only healthy, non-draining workers are on the ring; when one leaves, only the keys it owned move. A removed
+worker's listeners (`on_remove`) are told, so per-worker state elsewhere (metrics series) goes with it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -53,13 +55,19 @@ class WorkerPool:
         self.fail_threshold = fail_threshold
         self.workers: dict[str, Worker] = {}
         self.active: list[str] = []
-        self.total_inflight = 0
+        self.total_inflight = 0  # every worker's requests, drained and failed ones included
+        self.active_inflight = 0  # requests on the workers of `active` (the ring): what a load bound averages
+        self.on_remove: list[Callable[[str], None]] = []
 
     # ---- PoolView -----------------------------------------------------------------------------------------
 
     def inflight(self, name: str) -> int:
         w = self.workers.get(name)
         return w.inflight if w else 0
+
+    def on_ring(self, name: str) -> bool:
+        w = self.workers.get(name)
+        return w is not None and w.usable
 
     # ---- membership ---------------------------------------------------------------------------------------
 
@@ -75,9 +83,13 @@ class WorkerPool:
 
     def remove(self, url: str) -> bool:
         w = self.workers.pop(normalize_url(url), None)
-        if w is not None:
-            self._rebuild()
-        return w is not None
+        if w is None:
+            return False
+        self.total_inflight -= w.inflight
+        self._rebuild()
+        for listener in self.on_remove:
+            listener(w.name)
+        return True
 
     def drain(self, url: str) -> bool:
         w = self.workers.get(normalize_url(url))
@@ -89,6 +101,7 @@ class WorkerPool:
 
     def _rebuild(self) -> None:
         self.active = [n for n, w in self.workers.items() if w.usable]
+        self.active_inflight = sum(self.workers[n].inflight for n in self.active)
         self.ring.set_members({n: self.workers[n].weight for n in self.active})
 
     # ---- in-flight ----------------------------------------------------------------------------------------
@@ -98,12 +111,16 @@ class WorkerPool:
         if w is not None:
             w.inflight += 1
             self.total_inflight += 1
+            if w.usable:
+                self.active_inflight += 1
 
     def release(self, name: str) -> None:
         w = self.workers.get(name)
         if w is not None and w.inflight > 0:
             w.inflight -= 1
             self.total_inflight -= 1
+            if w.usable:
+                self.active_inflight -= 1
 
     # ---- health -------------------------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from router.prefix import RouteKeys
@@ -13,18 +14,34 @@ from router.ring import Ring
 class Decision:
     worker: str
     reason: str  # affinity | spill | session | bounded | consistent_hash | round_robin | least_loaded | random
-    fallbacks: list[str] = field(default_factory=list)  # failover order if `worker` fails before streaming
+    order: Sequence[str] = ()  # failover candidates, in order from `start`, wrapping around; `worker` skipped
+    start: int = 0
     fanout: int = 1  # workers the key is spread over (cache_aware)
+
+    def fallbacks(self, limit: int) -> list[str]:
+        """The first `limit` failover candidates: O(limit), whatever the size of the fleet."""
+        out: list[str] = []
+        n = len(self.order)
+        for i in range(n):
+            if len(out) >= limit:
+                break
+            name = self.order[(self.start + i) % n]
+            if name != self.worker:
+                out.append(name)
+        return out
 
 
 class PoolView(Protocol):
-    """What a policy may read of the worker pool: the ring of usable workers and their in-flight counts."""
+    """What a policy may read of the worker pool: the ring of usable workers, their in-flight counts, and the
+    sum of those counts over the ring's workers."""
 
     ring: Ring
     active: list[str]
-    total_inflight: int
+    active_inflight: int
 
     def inflight(self, name: str) -> int: ...
+
+    def on_ring(self, name: str) -> bool: ...
 
 
 class Policy(Protocol):
@@ -32,7 +49,3 @@ class Policy(Protocol):
 
     def choose(self, keys: RouteKeys, pool: PoolView) -> Decision: ...
 
-
-def rotate_after(names: list[str], chosen: str) -> list[str]:
-    i = names.index(chosen)
-    return names[i + 1:] + names[:i]

@@ -10,8 +10,12 @@ conversation stays on the worker that served its last turn; bounded load passes 
   jump-hash bucket. Long conversations pin their turns to one worker; placing new sessions this way evens
   out the request counts they leave behind. The table is an LRU of `max_sessions` entries, local to this
   router.
-- Bound (Mirrokni et al.): a worker whose in-flight count would exceed ceil(c x mean) + s, the mean counting
-  this request, is passed over for the next ring worker under the bound, never fleet-wide.
+- Bound (Mirrokni et al.): a worker whose in-flight count would exceed ceil(c x mean) + s, the mean over the
+  ring's workers counting this request, is passed over for the next ring worker under the bound, never
+  fleet-wide.
+
+Cost per decision: one bisect on the ring (its orders are memoized per position), O(k) for the fan-out scan,
+O(workers passed over) for the bound; the failover list is built lazily, O(failover limit).
 """
 
 from __future__ import annotations
@@ -49,13 +53,12 @@ class CacheAware:
         n = len(order)
         rate, share = self.rates.hit(keys.key)
         k = self.fanout(rate, share, n)
-        bound = math.ceil(self.c * (pool.total_inflight + 1) / n) + self.s
+        bound = math.ceil(self.c * (pool.active_inflight + 1) / n) + self.s
         last = self.sessions.get(keys.session)
         now = self.rates.clock()
-        if last is not None and pool.inflight(last) + 1 <= bound and last in order:
+        if last is not None and pool.on_ring(last) and pool.inflight(last) + 1 <= bound:
             self._remember(keys.session, last, now)
-            i = order.index(last)
-            return Decision(last, "session", order[i + 1:] + order[:i], k)
+            return Decision(last, "session", order, 0, k)  # failover: the key's home, then on round the ring
         start = jump_hash(int.from_bytes(keys.session[:8], "little"), k) if k > 1 else 0
         pick, best = start, (pool.inflight(order[start]), self.recent.get(order[start], now))
         for step in range(1, k):
@@ -70,7 +73,7 @@ class CacheAware:
                     break
         reason = "bounded" if last is not None or pick >= k else ("spill" if k > 1 else "affinity")
         self._remember(keys.session, order[pick], now)
-        return Decision(order[pick], reason, order[pick + 1:] + order[:pick], k)
+        return Decision(order[pick], reason, order, pick + 1, k)
 
     def _remember(self, session: bytes, worker: str, now: float) -> None:
         self.recent.add(worker, now)

@@ -11,4 +11,4 @@ class ConsistentHash:
 
     def choose(self, keys: RouteKeys, pool: PoolView) -> Decision:
         order = pool.ring.order(keys.key)
-        return Decision(order[0], self.name, order[1:])
+        return Decision(order[0], self.name, order, 1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from router.policies.base import Decision, PoolView, rotate_after
+from router.policies.base import Decision, PoolView
 from router.prefix import RouteKeys
 
 
@@ -11,5 +11,5 @@ class LeastLoaded:
 
     def choose(self, keys: RouteKeys, pool: PoolView) -> Decision:
         names = pool.active
-        chosen = min(names, key=pool.inflight)
-        return Decision(chosen, self.name, rotate_after(names, chosen))
+        i = min(range(len(names)), key=lambda j: pool.inflight(names[j]))
+        return Decision(names[i], self.name, names, i + 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from router.policies.base import Decision, PoolView, rotate_after
+from router.policies.base import Decision, PoolView
 from router.prefix import RouteKeys
 
 
@@ -16,5 +16,5 @@ class RandomPolicy:
 
     def choose(self, keys: RouteKeys, pool: PoolView) -> Decision:
         names = pool.active
-        chosen = self._rng.choice(names)
-        return Decision(chosen, self.name, rotate_after(names, chosen))
+        i = self._rng.randrange(len(names))
+        return Decision(names[i], self.name, names, i + 1)

@@ -83,3 +83,54 @@ def test_api_keys_map_to_tenants():
             t.authenticate(bad)
         assert exc.value.status == 401
     assert Tenants([], "open").authenticate(None).id == "open"
+
+
+def test_a_first_user_message_found_inside_the_system_prompt_still_names_its_own_conversation(keyer):
+    # The old cut at text.find(first user message) found "is" and "his" inside "This", so both conversations
+    # got the opening "...This" and one session key.
+    system = "This is the help desk of a library. " + LONG_SYSTEM
+    a, b = (keyer.keys(A, chat(system, q), None).session for q in ("is", "his"))
+    assert a != b
+    later = keyer.keys(A, chat(system, "is", "Yes.", "And then?"), None).session
+    assert later == a  # every turn of the conversation "is" keeps its key
+
+
+class RecordingTokenizer:
+    """The real tokenizer, recording the messages of every chat-template render."""
+
+    def __init__(self, tok):
+        self.tok, self.renders = tok, []
+
+    def __call__(self, *a, **kw):
+        return self.tok(*a, **kw)
+
+    def apply_chat_template(self, messages, **kw):
+        self.renders.append(len(messages))
+        return self.tok.apply_chat_template(messages, **kw)
+
+
+def full_key_ids(tok, messages, p):
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tok(text, add_special_tokens=False).input_ids[:p]
+
+
+@pytest.mark.parametrize("msgs", [
+    (LONG_SYSTEM, "q1", "a1", "q2 " * 5000),  # P tokens within the system prompt
+    ("Be brief.", "hi", "Hello! " * 40, "more " * 5000),  # P tokens reached only in the assistant turn
+    ("Be brief.", "hi", "ok", "short"),  # the whole chat holds fewer than P tokens
+    ("Be brief.", "hi"),
+])
+def test_a_chat_is_rendered_only_through_the_messages_the_key_needs(keyer, msgs):
+    rec = RecordingTokenizer(keyer.tokenizer)
+    k = PrefixKeyer(rec, prefix_tokens=64)
+    _ = k._prefix_stable  # the template probe renders a fixed 4-message chat once
+    rec.renders.clear()
+    req = chat(*msgs)
+    got = k.keys(A, req, None)
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    want = full_key_ids(keyer.tokenizer, messages, 64)
+    assert got.key == keyer.keys(A, req, None).key and got.prefix_tokens == len(want)
+    assert k._chat(messages)[0] == want
+    needed = 4 if len(want) < 64 else (1 if msgs[0] == LONG_SYSTEM else 3)
+    if needed < len(msgs):  # the long last turn is never rendered
+        assert max(rec.renders) < len(msgs)

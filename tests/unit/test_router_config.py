@@ -40,3 +40,25 @@ def test_drain_and_remove_leave_the_ring_and_keep_in_flight_accounting():
     assert pool.active == [] and not pool.drain("http://nope:1")
     with pytest.raises(ValueError):
         normalize_url("ftp://x")
+
+
+def test_a_removed_workers_metric_series_go_with_it():
+    from prometheus_client import generate_latest
+
+    from router.metrics import RouterMetrics
+
+    pool = WorkerPool(vnodes=40)
+    a, b = "http://127.0.0.1:1", "http://127.0.0.1:2"
+    for u in (a, b):
+        pool.add(u)
+        pool.mark_ok(u)
+    m = RouterMetrics(pool)
+    for u in (a, b):
+        m.requests.labels("affinity", u, "200").inc()
+        m.requests.labels("failover", u, "200").inc()
+        m.upstream_latency.labels(u).observe(0.01)
+        m.upstream_errors.labels(u, "503").inc()
+    assert generate_latest(m.registry).decode().count(f'"{a}"') >= 6
+    pool.remove(a)
+    text = generate_latest(m.registry).decode()
+    assert a not in text and text.count(f'"{b}"') >= 6

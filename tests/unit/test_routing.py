@@ -49,7 +49,8 @@ def test_a_key_always_maps_to_the_same_worker(n, key):
         assert ch.choose(keys(key), pool).worker == first
         d = ca.choose(keys(key, session=j), pool)  # new sessions at 6 requests/minute: below R, so home
         assert d.worker == first and d.reason == "affinity"
-        assert ca.choose(keys(key, session=j), pool) == d.__class__(first, "session", d.fallbacks, 1)
+        again = ca.choose(keys(key, session=j), pool)
+        assert (again.worker, again.reason, again.fanout) == (first, "session", 1)
 
 
 @settings(max_examples=10, deadline=None)
@@ -109,7 +110,7 @@ def test_bounded_load_caps_in_flight(n, burst, c, s):
     for i in range(burst):  # a burst on few keys; nothing finishes
         d = policy.choose(keys(i % 3, session=i), pool)
         pool.acquire(d.worker)
-        assert pool.inflight(d.worker) <= math.ceil(c * pool.total_inflight / n) + s
+        assert pool.inflight(d.worker) <= math.ceil(c * pool.active_inflight / n) + s
     assert max(pool.inflight(w) for w in pool.active) <= math.ceil(c * burst / n) + s
 
 
@@ -190,3 +191,86 @@ def test_the_session_table_is_bounded():
 def test_jump_hash_moves_only_into_the_new_bucket(key, n):
     a, b = jump_hash(key, n), jump_hash(key, n + 1)
     assert 0 <= a < n and (b == a or b == n)
+
+
+def test_the_bound_averages_only_over_the_rings_workers():
+    # 40 requests still run on a drained worker. The old mean counted them (bound ceil(41/3) + 0 = 14), so a
+    # burst on one key piled onto its home; over the ring's 3 workers the bound is 1 each, then 2.
+    pool = pool_of(4)
+    drained = pool.active[0]
+    for _ in range(40):
+        pool.acquire(drained)
+    pool.drain(drained)
+    assert pool.total_inflight == 40 and pool.active_inflight == 0
+    policy = CacheAware(load_factor=1.0, load_slack=0, rates=RateTable(clock=Clock()))
+    for i in range(6):
+        d = policy.choose(keys(9, session=i), pool)
+        pool.acquire(d.worker)
+    assert sorted(pool.inflight(w) for w in pool.active) == [2, 2, 2]
+
+
+class CountingOrder(list):
+    """A ring order that counts the entries a decision reads; whole-list scans are refused."""
+
+    reads = 0
+
+    def __getitem__(self, i):
+        assert isinstance(i, int), "slicing copies the whole order"
+        CountingOrder.reads += 1
+        return super().__getitem__(i)
+
+    def __contains__(self, x):
+        raise AssertionError("a membership scan is O(workers)")
+
+    def index(self, *a):
+        raise AssertionError("index() is O(workers)")
+
+    def __iter__(self):
+        raise AssertionError("iterating is O(workers)")
+
+
+def test_a_decision_reads_a_few_entries_of_the_ring_order_whatever_the_fleet_size():
+    pool = pool_of(64)
+    real_order = pool.ring.order
+    pool.ring.order = lambda key: CountingOrder(real_order(key))
+    policy = CacheAware(rates=RateTable(clock=Clock()))
+    for session in range(200):  # a new session, then the same session again (the session path)
+        for _ in range(2):
+            CountingOrder.reads = 0
+            d = policy.choose(keys(session, session=session), pool)
+            assert CountingOrder.reads <= 4
+            assert len(d.fallbacks(2)) == 2 and d.worker not in d.fallbacks(2)
+            assert CountingOrder.reads <= 10
+
+
+def test_fallbacks_go_on_round_the_order_skipping_the_chosen_worker():
+    from router.policies import Decision
+
+    d = Decision("c", "x", ["a", "b", "c", "d"], start=3)
+    assert d.fallbacks(2) == ["d", "a"] and d.fallbacks(10) == ["d", "a", "b"]
+    assert Decision("a", "session", ["a", "b", "c"], start=0).fallbacks(5) == ["b", "c"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["acquire", "release", "drain", "fail", "ok", "add", "remove"]),
+                          st.integers(0, 5)), max_size=80))
+def test_active_inflight_is_the_sum_over_the_rings_workers(ops):
+    pool = pool_of(4)
+    for op, i in ops:
+        name = f"http://127.0.0.1:{9000 + i}"
+        if op == "acquire":
+            pool.acquire(name)
+        elif op == "release":
+            pool.release(name)
+        elif op == "drain":
+            pool.drain(name)
+        elif op == "fail":
+            pool.mark_failed(name, immediate=True)
+        elif op == "ok":
+            pool.mark_ok(name)
+        elif op == "add":
+            pool.add(name)
+        else:
+            pool.remove(name)
+        assert pool.active_inflight == sum(pool.inflight(n) for n in pool.active)
+        assert pool.total_inflight == sum(w.inflight for w in pool.workers.values())
