@@ -32,3 +32,26 @@ def worker_url(tmp_path_factory) -> Iterator[str]:
     finally:
         stop_process(proc)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def route_of():
+    """`route_of(body, {worker_url: weight})`: the worker a fresh router (open mode, default settings,
+    cache_aware) sends this chat request to, computed in this process by the router's own code (keyer, tenant,
+    ring, policy). Worker URLs carry random ports, so tests use it to pick prompts by the worker they land on
+    instead of hoping that random prompts spread over every worker."""
+    from protocol.modelfiles import load_tokenizer, resolve_model_path
+    from protocol.openai import ChatCompletionRequest
+    from router.app import Router
+    from router.settings import RouterSettings
+
+    tokenizer = load_tokenizer(resolve_model_path(None))
+
+    def route(body: dict, workers: dict[str, int]) -> str:
+        router = Router(RouterSettings(workers=[{"url": u, "weight": w} for u, w in workers.items()]), tokenizer)
+        for name in list(router.pool.workers):
+            router.pool.mark_ok(name)
+        keys = router.keyer.keys(router.tenants.authenticate(None), ChatCompletionRequest.model_validate(body), None)
+        return router.policy.choose(keys, router.pool).worker
+
+    return route

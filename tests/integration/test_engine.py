@@ -176,3 +176,36 @@ def test_batched_decode_matches_sequences_decoded_alone(runner):
     assert runner.batch.steps - steps_before >= 10  # decoding really was batched
     assert runner.batch.repacks >= 3
     assert together == alone
+
+
+def test_a_failed_engine_step_ends_its_request_not_the_worker(runner, monkeypatch):
+    """One forward raises (a stand-in for a CUDA error, an OOM...): that request ends with an error, its cache
+    pins are released, and the engine thread goes on serving the next request exactly as before."""
+    tok = runner.loaded.tokenizer
+    ids = chat_ids(tok, SYSTEM, "Which route does class 5 take?")
+    e = make_engine(runner, cache_bytes=1 << 30, cache_generated=False)
+    try:
+        reference = Run(e, ids).wait()  # also caches the prompt, so the failing request pins blocks
+        real_forward, calls = runner.forward, []
+
+        def forward_fails_once(seq, token_ids):
+            calls.append(seq.id)
+            if len(calls) == 1:
+                raise RuntimeError("simulated device failure")
+            return real_forward(seq, token_ids)
+
+        monkeypatch.setattr(runner, "forward", forward_fails_once)
+        failed = Run(e, ids)
+        assert failed.done.wait(120), "the failed request never ended"
+        assert failed.last.error and "RuntimeError" in failed.last.error
+        assert failed.last.finish_reason is None and failed.seq.blocks == []
+        assert calls == [failed.seq.id]
+        assert e.alive and e.num_running == 0 and e.num_waiting == 0
+        assert len(e.cache) > 0 and all(blk.refcount == 0 for blk in e.cache._index.values())  # pins released
+
+        after = Run(e, ids).wait()  # the engine thread survived and serves the next request normally
+        assert e.alive and len(calls) >= 2
+        assert after.seq.output_ids == reference.seq.output_ids
+        assert reference.last.cached_tokens == 0 and after.last.cached_tokens == (len(ids) - 1) // B * B
+    finally:
+        e.stop()

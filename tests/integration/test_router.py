@@ -41,10 +41,14 @@ def system_prompt() -> str:
         f"Shelf {i} holds books on topic {i * 3 % 17}." for i in range(50))
 
 
-def ask(url: str, system: str, question: str, **extra) -> httpx.Response:
-    body = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+def chat_body(system: str, question: str, **extra) -> dict:
+    return {"messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
             "max_tokens": 4, "temperature": 0, **extra}
-    return httpx.post(url + "/v1/chat/completions", json=body, timeout=120, headers=extra.pop("headers", None))
+
+
+def ask(url: str, system: str, question: str, headers: dict | None = None, **extra) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", json=chat_body(system, question, **extra), timeout=120,
+                      headers=headers)
 
 
 def run_policy(url: str) -> tuple[list[str], list[int]]:
@@ -142,8 +146,12 @@ def test_auth_and_tenant_cache_isolation(tenant_router):
     assert cached(acme) == 0
     assert cached(acme) > 400
     assert cached(globex) == 0  # same worker, same prompt, other tenant: no shared blocks
-    # A client-chosen salt is scoped under its own tenant: it cannot name another tenant's namespace.
-    assert cached(globex, cache_salt="anything") == 0
+    # A client-chosen salt is scoped under its own tenant: both tenants send the SAME cache_salt, and still
+    # share no block (forwarded as is, globex's first request would hit the blocks acme cached under it).
+    assert cached(acme, cache_salt="shared-salt") == 0  # a salt is its own namespace, apart from no salt
+    assert cached(acme, cache_salt="shared-salt") > 400  # the same tenant repeating with it hits
+    assert cached(globex, cache_salt="shared-salt") == 0
+    assert cached(globex, cache_salt="shared-salt") > 400
     assert cached(acme) > 400
 
 
@@ -166,7 +174,7 @@ def test_no_healthy_worker_is_503():
         stop_process(proc)
 
 
-def test_requests_keep_succeeding_when_a_worker_dies(workers):
+def test_requests_keep_succeeding_when_a_worker_dies(workers, route_of):
     """A third worker joins through the admin API, takes its share of keys, then is killed (SIGKILL)."""
     extra_url, extra = start_worker()
     url, proc = start_router(workers, "--admin-key", "adm")
@@ -174,9 +182,20 @@ def test_requests_keep_succeeding_when_a_worker_dies(workers):
         r = httpx.post(url + "/admin/workers", json={"url": extra_url}, headers={"Authorization": "Bearer adm"},
                        timeout=30)
         assert r.status_code == 201 and len(r.json()["workers"]) == 3
-        prompts = [system_prompt() for _ in range(12)]
+        # Prompts picked by where the router's own keyer and ring put them (the ports, so the ring, are random):
+        # three homed on the new worker, six on the others.
+        fleet = {w: 1 for w in [*workers, extra_url]}
+        on_extra, elsewhere = [], []
+        for _ in range(300):
+            p = system_prompt()
+            (on_extra if route_of(chat_body(p, "q"), fleet) == extra_url else elsewhere).append(p)
+            if len(on_extra) >= 3 and len(elsewhere) >= 6:
+                break
+        prompts = on_extra[:3] + elsewhere[:6]
+        assert len(prompts) == 9
         homes = {p: ask(url, p, "q").headers["x-prefixroute-worker"] for p in prompts}
-        assert extra_url in homes.values()  # the new worker owns some keys
+        assert [homes[p] for p in on_extra[:3]] == [extra_url] * 3  # the new worker owns its share of keys
+        assert extra_url not in [homes[p] for p in elsewhere[:6]]
         os.kill(extra.pid, signal.SIGKILL)
         extra.wait(timeout=10)
         routes = []

@@ -71,7 +71,9 @@ def test_sdk_completions_stop_and_seed(client, model):
     assert streamed == out.choices[0].text
 
 
-async def _stream(http: httpx.AsyncClient, body: dict) -> tuple[list[dict], float]:
+async def _stream(http: httpx.AsyncClient, body: dict,
+                  first_text: asyncio.Event | None = None) -> tuple[list[dict], float]:
+    """Stream a completion to its end; `first_text` is set when the first chunk with text arrives."""
     events = []
     async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as resp:
         assert resp.status_code == 200
@@ -80,6 +82,8 @@ async def _stream(http: httpx.AsyncClient, body: dict) -> tuple[list[dict], floa
                 if line == "data: [DONE]":
                     return events, time.monotonic()
                 events.append(json.loads(line[6:]))
+                if first_text is not None and events[-1]["choices"] and events[-1]["choices"][0]["text"]:
+                    first_text.set()
     raise AssertionError("stream ended without [DONE]")
 
 
@@ -91,9 +95,10 @@ async def test_eight_concurrent_streams_and_short_overtakes_long(worker_url):
             assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
         # A long request is decoding; a short one sent later finishes first (iteration-level scheduling).
+        long_decoding = asyncio.Event()
         long_task = asyncio.create_task(_stream(http, {"prompt": "1, 2, 3, 4, 5,", "max_tokens": 200,
-                                                       "temperature": 0}))
-        await asyncio.sleep(1.5)
+                                                       "temperature": 0}, long_decoding))
+        await asyncio.wait_for(long_decoding.wait(), timeout=120)  # the long one has produced text: it decodes
         assert not long_task.done()
         short_events, short_done = await _stream(http, {"prompt": "Hi", "max_tokens": 4, "temperature": 0})
         long_events, long_done = await long_task

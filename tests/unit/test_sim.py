@@ -58,8 +58,29 @@ def test_hits_skip_simulated_prefill_and_cache_is_charged_profile_bytes(loaded):
 
 
 def test_token_scale_charges_more_bytes_and_time(loaded):
-    one, many = SimRunner(loaded, GpuProfile(), token_scale=1.0), SimRunner(loaded, GpuProfile(), token_scale=32.0)
+    """Each token stands for `token_scale` tokens: in cache bytes, and in the simulated GPU time of prefill
+    (new tokens and the context they attend to) and decode (the context read per step). The time checked is
+    the cost model's own account (`busy_s`), not the wall clock."""
+    p = GpuProfile()
+    # A huge speedup: the runner still accounts the simulated seconds but hardly sleeps.
+    one = SimRunner(loaded, p, speedup=1e6, token_scale=1.0)
+    many = SimRunner(loaded, p, speedup=1e6, token_scale=32.0)
     assert many.kv_bytes_per_token == 32 * one.kv_bytes_per_token
+    charged = {}
+    for scale, runner in ((1, one), (32, many)):
+        seq = Sequence(list(range(1000, 1100)), SamplingParams(max_tokens=4, temperature=0.0), None,
+                       lambda ev: None)
+        runner.forward(seq, seq.prompt_ids[:60])  # two prefill chunks: the second attends to the first
+        runner.forward(seq, seq.prompt_ids[60:])
+        prefill = runner.busy_s
+        runner.decode([seq])
+        charged[scale] = (prefill, runner.busy_s - prefill)
+        expected_prefill = (2 * p.step_overhead_s + p.prefill_s(60 * scale, 0)
+                            + p.prefill_s(40 * scale, 60 * scale))
+        assert prefill == pytest.approx(expected_prefill, rel=1e-9)
+        assert charged[scale][1] == pytest.approx(p.step_overhead_s + p.decode_s([100 * scale]), rel=1e-9)
+    assert charged[32][0] > 20 * charged[1][0]  # 0.216 s vs 0.0086 s: prefill cost follows the scaled tokens
+    assert charged[32][1] > charged[1][1]  # a decode step reads 32x the context
 
 
 def test_build_sim_replicas_and_cache_in_tokens():
