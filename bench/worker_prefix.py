@@ -6,7 +6,15 @@ token-id prompts (a shared prefix of P pseudo-random ids plus a distinct suffix 
 - cold TTFT: prefix+suffix under a fresh `cache_salt` each time (verified: cached_tokens == 0);
 - warm TTFT: the prefix sent once under a fixed salt, then prefix+new suffix under it (verified: cached_tokens ==
   the largest multiple of the block size <= P);
-- decode: one greedy request of `--decode-tokens` tokens; tok/s = (completion_tokens - 1) / (t_last - t_first).
+- decode, measured the same way for one stream and for `--concurrency` (8) streams at once: greedy requests of
+  `--decode-tokens` tokens, each under its own fresh `cache_salt` (verified: cached_tokens == 0), so neither
+  figure includes TTFT or cache hits. A stream's decode tokens are its completion tokens after the first, its
+  decode span runs from its first token to its last; decode tok/s = the streams' decode tokens summed /
+  (the latest last-token time - the earliest first-token time). For one stream that is
+  (completion_tokens - 1) / (t_last - t_first); for 8 it is the aggregate rate while any of them decodes
+  (prefill of streams still waiting for their first token shares that window). `--repeats` rounds of one
+  stream then 8 streams alternate; each figure is the median over rounds, and the median of each batched
+  stream's own rate is reported too.
 
 Cold and warm runs alternate so machine noise hits both alike. Prints one JSON object, then a markdown table;
 `--out DIR` also writes worker_prefix.json and worker_prefix.md. Run: python bench/worker_prefix.py [--repeats N]
@@ -44,7 +52,7 @@ def stream(client: httpx.Client, url: str, body: dict[str, Any]) -> dict[str, An
     body = {**body, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0.0}
     times: list[float] = []  # arrival of each chunk that carries a choice
     usage: dict[str, Any] | None = None
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # on one clock for all streams: `start` places concurrent streams side by side
     with client.stream("POST", f"{url}/v1/completions", json=body, timeout=REQUEST_TIMEOUT_S) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"HTTP {resp.status_code}: {resp.read().decode(errors='replace')[:500]}")
@@ -63,8 +71,25 @@ def stream(client: httpx.Client, url: str, body: dict[str, Any]) -> dict[str, An
                 usage = obj["usage"]
     if not times or usage is None:
         raise RuntimeError(f"incomplete stream: {len(times)} chunks, usage={usage}")
-    return {"times": times, "ttft": times[0], "usage": usage,
+    return {"start": t0, "times": times, "ttft": times[0], "usage": usage,
             "cached": int(usage.get("prompt_tokens_details", {}).get("cached_tokens", 0))}
+
+
+def decode_rate(streams: list[dict[str, Any]]) -> dict[str, Any]:
+    """Decode speed of streams that ran together, TTFT excluded (the definition in the module docstring).
+
+    Each stream: `start` (perf_counter at send), `times` (chunk arrivals relative to `start`) and `usage`.
+    Aggregate tok/s = sum of (completion_tokens - 1) / (latest last token - earliest first token); None when
+    there is nothing to divide. Also each stream's own rate, (completion_tokens - 1) / (its last - its first)."""
+    first = min(s["start"] + s["times"][0] for s in streams)
+    last = max(s["start"] + s["times"][-1] for s in streams)
+    tokens = sum(max(0, int(s["usage"]["completion_tokens"]) - 1) for s in streams)
+    own = [(int(s["usage"]["completion_tokens"]) - 1) / (s["times"][-1] - s["times"][0]) for s in streams
+           if int(s["usage"]["completion_tokens"]) > 1 and s["times"][-1] > s["times"][0]]
+    return {"streams": len(streams), "decode_tokens": tokens, "window_s": last - first,
+            "tok_per_s": tokens / (last - first) if tokens and last > first else None,
+            "per_stream_tok_per_s_median": statistics.median(own) if own else None,
+            "ttft_s_max": max(s["times"][0] for s in streams)}
 
 
 def summary(xs: list[float]) -> dict[str, Any]:
@@ -102,36 +127,53 @@ def run(client: httpx.Client, url: str, args: argparse.Namespace) -> dict[str, A
         if r["cached"] != expected:
             problems.append(f"warm run {i}: cached_tokens={r['cached']}, expected {expected}")
 
-    d = stream(client, url, {"model": model, "prompt": DECODE_PROMPT, "max_tokens": args.decode_tokens,
-                             "cache_salt": f"decode-{run_tag}"})
-    n_out = int(d["usage"]["completion_tokens"])
-    t = d["times"]
-    gaps = [b - a for a, b in zip(t, t[1:])]
-    decode = {
-        "prompt_tokens": int(d["usage"]["prompt_tokens"]),
-        "completion_tokens": n_out,
-        "chunks": len(t),
-        "ttft_s": t[0],
-        "tok_per_s": (n_out - 1) / (t[-1] - t[0]) if n_out > 1 and t[-1] > t[0] else None,
-        "itl_p50_s": statistics.median(gaps) if gaps else None,
-    }
-    if n_out < args.decode_tokens:
-        problems.append(f"decode stopped early: {n_out} of {args.decode_tokens} tokens")
+    def decode_request(label: str) -> dict[str, Any]:
+        r = stream(client, url, {"model": model, "prompt": f"{DECODE_PROMPT} (list {label})",
+                                 "max_tokens": args.decode_tokens, "cache_salt": f"decode-{run_tag}-{label}"})
+        if r["cached"]:
+            problems.append(f"decode stream {label}: cached_tokens={r['cached']}, expected 0")
+        n_out = int(r["usage"]["completion_tokens"])
+        if n_out < args.decode_tokens:
+            problems.append(f"decode stream {label} stopped early: {n_out} of {args.decode_tokens} tokens")
+        return r
 
-    # Batched decode: N streams at once; aggregate tokens/s over the wall time of the whole group.
+    # One stream, then the same measurement over N streams sent at once; `--repeats` rounds, alternating.
     from concurrent.futures import ThreadPoolExecutor
 
     n = args.concurrency
-    t0 = time.perf_counter()
+    singles: list[dict[str, Any]] = []
+    groups: list[dict[str, Any]] = []
+    gaps: list[float] = []
     with ThreadPoolExecutor(n) as pool:
-        group = list(pool.map(lambda i: stream(client, url, {
-            "model": model, "prompt": f"{DECODE_PROMPT} (list {i})", "max_tokens": args.decode_tokens,
-            "cache_salt": f"group-{run_tag}"}), range(n)))
-    wall = time.perf_counter() - t0
-    group_tokens = sum(int(g["usage"]["completion_tokens"]) for g in group)
-    decode["concurrency"] = n
-    decode["group_tok_per_s"] = group_tokens / wall
-    decode["group_speedup"] = decode["group_tok_per_s"] / decode["tok_per_s"] if decode["tok_per_s"] else None
+        for k in range(args.repeats):
+            d = decode_request(f"single-{k}")
+            singles.append({**decode_rate([d]), "prompt_tokens": int(d["usage"]["prompt_tokens"]),
+                            "completion_tokens": int(d["usage"]["completion_tokens"]), "chunks": len(d["times"])})
+            gaps += [b - a for a, b in zip(d["times"], d["times"][1:])]
+            groups.append(decode_rate(list(pool.map(lambda i: decode_request(f"{k}-{i}"), range(n)))))
+    med = lambda rows, key: (statistics.median([r[key] for r in rows])  # noqa: E731
+                             if all(r[key] is not None for r in rows) else None)
+    single_tps, group_tps = med(singles, "tok_per_s"), med(groups, "tok_per_s")
+    decode = {
+        "definition": "decode tok/s = completion tokens after each stream's first, summed / (latest last token - "
+                      "earliest first token); TTFT excluded, every stream under its own fresh cache_salt; "
+                      "median over rounds",
+        "rounds": args.repeats,
+        "prompt_tokens": singles[0]["prompt_tokens"],
+        "completion_tokens": singles[0]["completion_tokens"],
+        "ttft_s": med(singles, "ttft_s_max"),
+        "tok_per_s": single_tps,
+        "tok_per_s_samples": [r["tok_per_s"] for r in singles],
+        "itl_p50_s": statistics.median(gaps) if gaps else None,
+        "concurrency": n,
+        "group_tok_per_s": group_tps,
+        "group_tok_per_s_samples": [r["tok_per_s"] for r in groups],
+        "group_per_stream_tok_per_s_median": med(groups, "per_stream_tok_per_s_median"),
+        "group_decode_tokens": [r["decode_tokens"] for r in groups],
+        "group_window_s": [r["window_s"] for r in groups],
+        "group_ttft_s_max": [r["ttft_s_max"] for r in groups],
+        "group_speedup": group_tps / single_tps if group_tps and single_tps else None,
+    }
     ratio = statistics.median(warm) / statistics.median(cold)
     return {
         "model": model,
@@ -161,14 +203,29 @@ def markdown(report: dict[str, Any]) -> str:
     d = r["decode"]
     tps = "n/a" if d["tok_per_s"] is None else f"{d['tok_per_s']:.1f}"
     itl = "n/a" if d["itl_p50_s"] is None else ms(d["itl_p50_s"])
-    rows.append(f"| decode tok/s ({d['completion_tokens']} tokens) | {tps} | | |")
+    f1 = lambda x: "n/a" if x is None else f"{x:.1f}"  # noqa: E731
+
+    def lo_hi(xs: list[float | None]) -> str:
+        xs = [x for x in xs if x is not None]
+        return f"{f1(min(xs))} | {f1(max(xs))}" if xs else "n/a | n/a"
+
+    speedup = "n/a" if d["group_speedup"] is None else f"{d['group_speedup']:.1f}x"
+    rows.append(f"| decode tok/s, one stream ({d['completion_tokens']} tokens, {d['rounds']} rounds) | {tps} | "
+                f"{lo_hi(d['tok_per_s_samples'])} |")
     rows.append(f"| decode ITL p50 (ms) | {itl} | | |")
-    rows.append(f"| decode tok/s, {d['concurrency']} streams at once (aggregate) | {d['group_tok_per_s']:.1f} "
-                f"({d['group_speedup']:.1f}x one stream) | | |")
+    rows.append(f"| decode tok/s, {d['concurrency']} streams at once (aggregate) | {f1(d['group_tok_per_s'])} "
+                f"({speedup} one stream; per stream median {f1(d['group_per_stream_tok_per_s_median'])}) | "
+                f"{lo_hi(d['group_tok_per_s_samples'])} |")
     head = (f"Worker prefix cache: {r['model']} on {m['device']}, {m['cpu_count']} CPUs, torch {m['torch']}; "
-            f"prefix {c['prefix_tokens']} + suffix {c['suffix_tokens']} tokens, {c['repeats']} repeats.\n\n")
-    tail = "".join(f"\n- problem: {p}" for p in r["problems"])
-    return head + "\n".join(rows) + "\n" + tail + ("\n" if tail else "")
+            f"prefix {c['prefix_tokens']} + suffix {c['suffix_tokens']} tokens, {c['repeats']} repeats"
+            + (f"; load average {m['loadavg_at_end'][1]:.1f} over the last 5 min" if m.get("loadavg_at_end") else "")
+            + ".\n\n")
+    tail = (f"\nDecode tok/s, one stream and {d['concurrency']} at once alike: completion tokens after each stream's "
+            "first, summed, / (latest last-token time - earliest first-token time); TTFT excluded, each stream "
+            "under its own fresh cache_salt (no cache hits); rounds of one stream and of "
+            f"{d['concurrency']} alternate, median over rounds.\n")
+    tail += "".join(f"\n- problem: {p}" for p in r["problems"])
+    return head + "\n".join(rows) + "\n" + tail + ("\n" if r["problems"] else "")
 
 
 def resolved_device(device: str, external: bool) -> str:
@@ -217,9 +274,11 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "worker_prefix",
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpu_count": os.cpu_count(), "torch": importlib.metadata.version("torch"),
-                    "device": resolved_device(args.device, bool(args.url))},
+                    "device": resolved_device(args.device, bool(args.url)),
+                    "loadavg_at_end": os.getloadavg()},  # 1, 5, 15 min: other work sharing the CPUs
         "config": {k: getattr(args, k) for k in ("repeats", "prefix_tokens", "suffix_tokens", "decode_tokens",
-                                                 "block_size")} | {"url": args.url, "worker_log": str(log_path)},
+                                                 "concurrency", "block_size")}
+        | {"url": args.url, "worker_log": str(log_path)},
         "results": results,
     }
     text = json.dumps(report, indent=2)

@@ -28,6 +28,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path)
     p.add_argument("--record", type=Path, help="also write the requests sent, as loadgen JSONL")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request limit in seconds")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="workers behind each URL: those that served no request then count in max/mean load")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -58,7 +60,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         ap.error("one --url (use `compare` for several)")
     if args.cmd == "compare" and not all("=" in u for u in args.url):
         ap.error("compare takes --url NAME=URL")
-    for name in ("speedup", "concurrency", "max_requests", "duration"):
+    for name in ("speedup", "concurrency", "max_requests", "duration", "workers"):
         v = getattr(args, name, None)
         if v is not None and v <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive")
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     runs, summaries = {}, {}
     for name, url in targets.items():
         results, wall = run_one(url, jobs, args, name)
-        runs[name], summaries[name] = results, report.summarize(results, wall)
+        runs[name], summaries[name] = results, report.summarize(results, wall, workers=args.workers)
     print(report.markdown(summaries))
     if args.out:
         report.write(args.out, runs, summaries)

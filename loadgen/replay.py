@@ -54,7 +54,7 @@ async def _one(session: aiohttp.ClientSession, url: str, job: Job, index: int, t
     try:
         async with session.post(url + job.endpoint, data=json.dumps(body), headers=headers) as resp:
             r.status = resp.status
-            r.worker = resp.headers.get("x-prefixroute-worker", url)
+            r.worker = resp.headers.get("x-prefixroute-worker", "")  # "": not known
             r.route = resp.headers.get("x-prefixroute-route", "")
             if resp.status != 200:
                 r.error = (await resp.text())[:300]

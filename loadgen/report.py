@@ -21,7 +21,28 @@ def percentile(xs: list[float], p: float) -> float | None:
     return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
 
 
-def summarize(results: list[Result], wall_s: float) -> dict[str, Any]:
+def load_balance(workers: list[str], fleet_size: int | None = None
+                 ) -> tuple[float | None, dict[str, int] | None, int | None]:
+    """Max/mean requests per worker over the whole fleet: (max_mean_load, requests per worker, workers counted).
+
+    `workers` names the serving worker of each successful request ("" when the response carried no
+    `x-prefixroute-worker` header). Workers that got no request count in the mean when `fleet_size` is given
+    (without it, only the workers seen are known, so the figure is a lower bound; workers seen beyond
+    `fleet_size`, as when one joined during the run, count too). Unknown (None, None, None) when no request
+    names its worker, or when some do not: a request without the header (e.g. sent through another router)
+    may have gone to any worker, whether or not the fleet size is known."""
+    named = [w for w in workers if w]
+    if not named or len(named) < len(workers):
+        return None, None, None
+    counts = Counter(named)
+    n = max(len(counts), fleet_size or 0)  # a fleet that grew during the run: every worker seen counts
+    return max(counts.values()) / (len(named) / n), dict(sorted(counts.items())), n
+
+
+def summarize(results: list[Result], wall_s: float, workers: int | None = None) -> dict[str, Any]:
+    """Statistics of one run. `workers` is the fleet size behind the URL, when known: workers that served no
+    request then count in max/mean load. Max/mean load and per_worker are None (unknown) when successful
+    requests lack the `x-prefixroute-worker` header (see `load_balance`)."""
     ok = [r for r in results if r.ok]
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
     e2e = [r.e2e_s for r in ok if r.e2e_s is not None]
@@ -29,20 +50,22 @@ def summarize(results: list[Result], wall_s: float) -> dict[str, Any]:
     prompt = sum(r.prompt_tokens for r in ok)
     cached = sum(r.cached_tokens for r in ok)
     out_tokens = sum(r.completion_tokens for r in ok)
-    by_worker: dict[str, dict[str, float]] = defaultdict(lambda: {"requests": 0, "prompt_tokens": 0,
-                                                                   "cached_tokens": 0})
-    for r in ok:
-        w = by_worker[r.worker]
-        w["requests"] += 1
-        w["prompt_tokens"] += r.prompt_tokens
-        w["cached_tokens"] += r.cached_tokens
-    per_worker = {}
-    for name, w in sorted(by_worker.items()):
-        per_worker[name] = {**w, "request_share": w["requests"] / len(ok),
-                            "prompt_token_share": w["prompt_tokens"] / prompt if prompt else 0.0,
-                            "cached_token_ratio":
-                                w["cached_tokens"] / w["prompt_tokens"] if w["prompt_tokens"] else 0.0}
-    counts = [w["requests"] for w in by_worker.values()]
+    max_mean, counts, counted = load_balance([r.worker for r in ok], workers)
+    per_worker: dict[str, dict[str, float]] | None = None
+    if counts is not None:
+        by_worker: dict[str, dict[str, float]] = defaultdict(lambda: {"requests": 0, "prompt_tokens": 0,
+                                                                       "cached_tokens": 0})
+        for r in ok:
+            w = by_worker[r.worker]
+            w["requests"] += 1
+            w["prompt_tokens"] += r.prompt_tokens
+            w["cached_tokens"] += r.cached_tokens
+        per_worker = {}
+        for name, w in sorted(by_worker.items()):
+            per_worker[name] = {**w, "request_share": w["requests"] / len(ok),
+                                "prompt_token_share": w["prompt_tokens"] / prompt if prompt else 0.0,
+                                "cached_token_ratio":
+                                    w["cached_tokens"] / w["prompt_tokens"] if w["prompt_tokens"] else 0.0}
     summary: dict[str, Any] = {
         "requests": len(results),
         "ok": len(ok),
@@ -55,7 +78,10 @@ def summarize(results: list[Result], wall_s: float) -> dict[str, Any]:
         "cached_tokens": cached,
         "completion_tokens": out_tokens,
         "cached_token_ratio": cached / prompt if prompt else 0.0,
-        "max_mean_load": max(counts) / (sum(counts) / len(counts)) if counts else None,
+        "fleet_size": workers,
+        "workers_counted": counted,  # the mean's denominator; only the workers seen when fleet_size is None
+        "requests_without_worker": sum(1 for r in ok if not r.worker),
+        "max_mean_load": max_mean,
         "per_worker": per_worker,
         "routes": dict(Counter(r.route for r in ok if r.route)),
     }
@@ -72,7 +98,7 @@ def markdown(rows: dict[str, dict[str, Any]]) -> str:
     lines = ["| run | requests | errors | cached ratio | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | e2e p50 ms | "
              "max/mean load | req/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, s in rows.items():
-        mm = "-" if s["max_mean_load"] is None else f"{s['max_mean_load']:.2f}"
+        mm = "unknown" if s.get("max_mean_load") is None else f"{s['max_mean_load']:.2f}"
         lines.append(f"| {name} | {s['requests']} | {s['errors']} | {s['cached_token_ratio']:.3f} | "
                      f"{ms(s['ttft_p50_s'])} | {ms(s['ttft_p99_s'])} | {ms(s['itl_p50_s'])} | {ms(s['e2e_p50_s'])} | "
                      f"{mm} | {s['throughput_rps']:.1f} |")
@@ -125,7 +151,7 @@ def plot(runs: dict[str, list[Result]], out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / max(1, len(runs))
     for k, (name, res) in enumerate(runs.items()):
-        counts = Counter(r.worker for r in res if r.ok)
+        counts = Counter(r.worker for r in res if r.ok and r.worker)  # unnamed workers: unknown, not drawn
         names = sorted(counts)
         ax.bar([i + k * width for i in range(len(names))], [counts[n] for n in names], width, label=name)
     ax.set(xlabel="worker", ylabel="requests", title="Requests per worker")

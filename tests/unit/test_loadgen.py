@@ -3,14 +3,16 @@ real tokenizer, statistics on a case with known answers, synthetic workloads, CL
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 
 import pytest
 
-from loadgen.replay import Result
-from loadgen.report import percentile, summarize
+from loadgen.__main__ import parse
+from loadgen.replay import Job, Result, replay
+from loadgen.report import markdown, percentile, summarize
 from loadgen.synth import generate
 from loadgen.traces import MooncakeLine, PromptBuilder, TraceError, detect_format, read_mooncake, read_requests
 from protocol.modelfiles import default_model_path, load_tokenizer
@@ -89,6 +91,73 @@ def test_statistics_on_a_known_case():
     assert s["per_worker"]["a"]["cached_token_ratio"] == pytest.approx(200 / 600)
     assert s["throughput_rps"] == pytest.approx(2.0)
     assert percentile([], 50) is None and percentile([3, 1, 2], 50) == 2
+
+
+def _served(workers: list[str]) -> list[Result]:
+    return [Result(i, 0.0, status=200, ttft_s=0.1, e2e_s=0.2, prompt_tokens=10, completion_tokens=1, worker=w)
+            for i, w in enumerate(workers)]
+
+
+def test_max_mean_load_counts_idle_workers_of_the_fleet():
+    one = _served(["w0"] * 8)  # a policy that sends everything to one worker
+    assert summarize(one, 1.0, workers=4)["max_mean_load"] == pytest.approx(4.0)
+    assert summarize(one, 1.0)["max_mean_load"] == pytest.approx(1.0)  # fleet unknown: only workers seen
+    s = summarize(_served(["w0"] * 6 + ["w1"] * 2), 1.0, workers=4)
+    assert s["max_mean_load"] == pytest.approx(6 / 2) and s["workers_counted"] == 4
+    assert set(s["per_worker"]) == {"w0", "w1"}
+    # a worker that joined mid-run is counted even beyond the given fleet size
+    assert summarize(_served(["a", "b", "c"]), 1.0, workers=2)["max_mean_load"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("workers", [None, 4])
+def test_load_is_unknown_when_requests_do_not_name_their_worker(workers):
+    for names in (["", "", ""], ["w0", "", "w1"]):  # no header at all (another router), or some without it
+        s = summarize(_served(names), 1.0, workers=workers)
+        assert s["max_mean_load"] is None and s["per_worker"] is None
+        assert s["requests_without_worker"] == names.count("")
+        assert json.loads(json.dumps(s))["max_mean_load"] is None
+        row = markdown({"run": s}).splitlines()[2].split("|")
+        assert row[9].strip() == "unknown"
+
+
+def test_workers_option_reaches_the_report():
+    for cmd in (["replay", "t.jsonl", "--url", "http://x"], ["compare", "t.jsonl", "--url", "a=http://x"],
+                ["synth", "zipf", "--url", "http://x"]):
+        assert parse([*cmd, "--workers", "4"]).workers == 4
+        assert parse(cmd).workers is None
+
+
+def test_a_response_without_the_worker_header_names_no_worker():
+    """Straight to a server that sends no `x-prefixroute-worker` (a worker, another router): the worker is "",
+    not the URL, so the report cannot mistake the whole run for one worker's."""
+    from aiohttp import web
+
+    async def go() -> list[Result]:
+        async def complete(request: web.Request) -> web.StreamResponse:
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write(b'data: {"choices":[{"index":0,"text":"x"}]}\n\n')
+            await resp.write(b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n')
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+
+        app = web.Application()
+        app.router.add_post("/v1/completions", complete)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            jobs = [Job(0.0, "/v1/completions", {"prompt": "hi", "max_tokens": 1}) for _ in range(3)]
+            return await replay(f"http://127.0.0.1:{port}", jobs, concurrency=1, timeout_s=30)
+        finally:
+            await runner.cleanup()
+
+    rs = asyncio.run(go())
+    assert [r.ok for r in rs] == [True] * 3 and {r.worker for r in rs} == {""}
+    s = summarize(rs, 1.0, workers=2)
+    assert s["max_mean_load"] is None and s["requests_without_worker"] == 3
 
 
 def test_synthetic_workloads_are_deterministic_and_shaped():
