@@ -15,23 +15,33 @@ as 512/block-tokens tokens (time and KV bytes), so sharing, cache pressure and s
 proportions while the CPU handles ~30x fewer tokens. Each run replays at `--wall-rps` requests per wall-clock
 second (the sim's clock runs at whatever multiple of real time that takes), so a 2-core machine keeps up at
 every load. Prints JSON and a markdown table; `--out DIR` writes routing_quality.{json,md} and
-routing_quality.png; `--append` merges into them.
+routing_quality.png (after every run, so a long sweep keeps what it finished); `--append` merges into them.
+
+`--seeds S ...` (or `--seed S`, repeatable) runs every cell once per seed. A seed picks the words behind the
+trace's hash ids (loadgen's PromptBuilder(seed=...)): the same sharing between requests, other token ids, so
+other routing keys and other places on the hash ring. Seed 0 is the prompt text of the earlier results. Worker
+ports, and with them the ring's layout, differ in every run whatever the seed. A cell run at several seeds reads
+`median [min-max]` in the markdown; the JSON keeps every run.
 
   python bench/routing_quality.py --workers 8 32 --loads 0.5 1 2 --max-requests 2000 --out docs/benchmarks
+  python bench/routing_quality.py --workers 32 --policies cache_aware --loads 1 2 --seeds 0 1 2 --append --out DIR
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -62,11 +72,44 @@ def scrape(url: str) -> dict[str, float]:
     return vals
 
 
+def write_requests(args: argparse.Namespace, seed: int, path: Path) -> Path:
+    """The trace slice as loadgen request JSONL, prompts built with PromptBuilder(seed) and the default model's
+    tokenizer (what `loadgen replay TRACE --block-tokens B` builds for seed 0)."""
+    from loadgen.traces import PromptBuilder, read_mooncake
+    from protocol.modelfiles import load_tokenizer, resolve_model_path
+
+    builder = PromptBuilder(load_tokenizer(resolve_model_path(None)), args.block_tokens, seed=seed)
+    with open(path, "w") as f:
+        for line in read_mooncake(args.trace, args.max_requests):
+            body = {"prompt": builder.prompt(line), "max_tokens": max(1, min(line.output_length,
+                                                                              args.max_output_tokens)),
+                    "temperature": 0}
+            f.write(json.dumps({"timestamp": line.timestamp, "endpoint": "/v1/completions", "body": body}) + "\n")
+    return path
+
+
+def sglang_version() -> str | None:
+    try:
+        return importlib.metadata.version("sglang-router")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_state() -> str:
+    """The commit and whether the working tree differed from it (other work in progress) when a run started."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def run_one(trace: Path, n: int, policy: str, speed: float, time_scale: float, args: argparse.Namespace,
             workdir: Path) -> dict:
     scale = TRACE_BLOCK / args.block_tokens
     procs = []
     log = open(workdir / f"{policy}-{n}-{speed:.2f}.log", "wb")
+    git = git_state()
     try:
         urls, sim = start_sim_workers(n, "--sim-speedup", str(time_scale), "--sim-token-scale", str(scale),
                                       "--block-size", str(args.block_tokens), "--no-cache-generated",
@@ -87,8 +130,8 @@ def run_one(trace: Path, n: int, policy: str, speed: float, time_scale: float, a
         subprocess.run([sys.executable, "-m", "loadgen", "replay", str(trace), "--url", router,
                         "--speedup", str(speed * time_scale), "--block-tokens", str(args.block_tokens),
                         "--max-requests", str(args.max_requests), "--max-output-tokens", str(args.max_output_tokens),
-                        "--out", str(out), "--quiet"], cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT,
-                       timeout=args.run_timeout)
+                        "--workers", str(n), "--out", str(out), "--quiet"], cwd=ROOT, check=True, stdout=log,
+                       stderr=subprocess.STDOUT, timeout=args.run_timeout)
         wall = time.time() - t0
         summary = json.loads((out / "summary.json").read_text())
         per = [scrape(u) for u in urls]
@@ -97,7 +140,8 @@ def run_one(trace: Path, n: int, policy: str, speed: float, time_scale: float, a
         prompt = sum(m.get("prefixroute_worker_prompt_tokens_total", 0) for m in per)
         cached = sum(m.get("prefixroute_worker_cached_tokens_total", 0) for m in per)
         mean, busy_mean = sum(reqs) / n, sum(busy) / n
-        return {"workers": n, "policy": policy, "load": None, "speed": speed, "time_scale": time_scale,
+        return {"workers": n, "policy": policy, "load": None, "seed": None, "speed": speed, "time_scale": time_scale,
+                "git": git, **({"sglang_router": sglang_version()} if policy == "sglang" else {}),
                 "wall_s": wall, "hit_ratio": cached / prompt if prompt else 0.0,
                 "max_mean": max(reqs) / mean if mean else None,
                 "busy_max_mean": max(busy) / busy_mean if busy_mean else None,
@@ -109,16 +153,39 @@ def run_one(trace: Path, n: int, policy: str, speed: float, time_scale: float, a
         log.close()
 
 
-def markdown(rows: list[dict], offline: dict) -> str:
-    lines = ["| workers | policy | load | hit ratio | % of pooled | max/mean requests | max/mean busy | TTFT p50 s "
-             "| TTFT p99 s | errors |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def seconds(v: float) -> str:
+    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}" if v >= 0.1 else f"{v:.3f}"
+
+
+def spread(vals: list[float], fmt: str | Callable[[float], str]) -> str:
+    """One value, or `median [min-max]` of several (one value where they all print the same)."""
+    f = fmt.format if isinstance(fmt, str) else fmt
+    lo, mid, hi = f(min(vals)), f(statistics.median(vals)), f(max(vals))
+    return mid if len(vals) == 1 or lo == hi else f"{mid} [{lo}-{hi}]"
+
+
+def cells(rows: list[dict]) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
     for r in rows:
-        pooled = offline[r["workers"]]["pooled"]
-        lines.append(f"| {r['workers']} | {r['policy']} | {r['load']}x | {r['hit_ratio']:.3f} | "
-                     f"{100 * r['hit_ratio'] / pooled:.0f}% | {r['max_mean']:.2f} | {r['busy_max_mean']:.2f} | "
-                     f"{r['ttft_p50_s']:.3f} | "
-                     f"{r['ttft_p99_s']:.3f} | {r['errors']} |")
+        out.setdefault((r["workers"], r["policy"], r["load"]), []).append(r)
+    return out
+
+
+def markdown(rows: list[dict], offline: dict) -> str:
+    lines = ["| workers | policy | load | seeds | hit ratio | % of pooled | max/mean requests | max/mean busy "
+             "| TTFT p50 s | TTFT p99 s | errors |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (n, policy, load), rs in cells(rows).items():
+        pooled = offline[n]["pooled"]
+        seeds = ",".join(str(r.get("seed", 0)) for r in rs)
+        lines.append(f"| {n} | {policy} | {load}x | {seeds} | {spread([r['hit_ratio'] for r in rs], '{:.3f}')} | "
+                     f"{spread([r['hit_ratio'] / pooled for r in rs], '{:.0%}')} | "
+                     f"{spread([r['max_mean'] for r in rs], '{:.2f}')} | "
+                     f"{spread([r['busy_max_mean'] for r in rs], '{:.2f}')} | "
+                     f"{spread([r['ttft_p50_s'] for r in rs], seconds)} | "
+                     f"{spread([r['ttft_p99_s'] for r in rs], seconds)} | {sum(r['errors'] or 0 for r in rs)} |")
     lines.append("")
+    lines.append("- A cell with one seed is a single run; with several, `median [min-max]` over one run per seed (one "
+                 "value where every run printed the same); errors are summed.")
     for n, o in offline.items():
         lines.append(f"- {n} workers: pooled cache of {o['capacity_blocks']} blocks reaches {o['pooled']:.3f}; "
                      f"infinite cache {o['infinite']:.3f}; 1x load = trace speed x{o['speed_1x']:.2f}.")
@@ -135,8 +202,9 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(2, len(sizes), figsize=(6 * len(sizes), 8), squeeze=False)
     for col, n in enumerate(sizes):
         for policy in dict.fromkeys(r["policy"] for r in rows):
-            pts = sorted((r["load"], r["hit_ratio"], r["ttft_p99_s"]) for r in rows
-                         if r["workers"] == n and r["policy"] == policy)
+            pts = sorted((load, statistics.median(r["hit_ratio"] for r in rs),
+                          statistics.median(r["ttft_p99_s"] for r in rs))
+                         for (w, pol, load), rs in cells(rows).items() if w == n and pol == policy)
             if pts:
                 axes[0][col].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
                 axes[1][col].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=policy)
@@ -156,10 +224,13 @@ def merge(old: dict, config: dict, rows: list[dict], offline: dict, commands: li
     same = ("trace", "max_requests", "block_tokens", "max_output_tokens")
     if any(old["config"].get(k) != config[k] for k in same):
         sys.exit(f"--append: the earlier results used other {', '.join(same)}")
-    new = {(r["workers"], r["policy"], r["load"]) for r in rows}
+    def key(r: dict) -> tuple:
+        return r["workers"], r["policy"], r["load"], r.get("seed") or 0
+
+    new = {key(r) for r in rows}
     order = {p: i for i, p in enumerate(POLICIES)}
-    rows = sorted([r for r in old["runs"] if (r["workers"], r["policy"], r["load"]) not in new] + rows,
-                  key=lambda r: (r["workers"], r["load"], order[r["policy"]]))
+    rows = sorted([r for r in old["runs"] if key(r) not in new] + rows,
+                  key=lambda r: (r["workers"], r["load"], order[r["policy"]], r.get("seed") or 0))
     return rows, {**{int(k): v for k, v in old["offline"].items()}, **offline}, old.get("commands", []) + commands
 
 
@@ -177,6 +248,8 @@ def main() -> int:
                         "so that client, router and sim fleet keep up on a small machine")
     p.add_argument("--time-scale", type=float, help="fixed simulated seconds per wall-clock second instead")
     p.add_argument("--run-timeout", type=float, default=1800)
+    p.add_argument("--seed", type=int, action="append", default=[], help="a prompt seed to run (repeatable)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[], help="prompt seeds to run; default 0")
     p.add_argument("--out", type=Path)
     p.add_argument("--append", action="store_true",
                    help="merge these runs into --out's results of the same trace slice (a rerun replaces a row)")
@@ -194,33 +267,49 @@ def main() -> int:
         pooled = offline_hit_ratio(reqs, n * per_worker)
         offline[n] = {"capacity_blocks": n * per_worker, "pooled": pooled,
                       "infinite": offline_hit_ratio(reqs, None), "speed_1x": saturation_speed(reqs, n, pooled, profile)}
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for n in args.workers:
-            for load in args.loads:
-                for policy in args.policies:
-                    speed = offline[n]["speed_1x"] * load
-                    time_scale = args.time_scale or args.wall_rps / (trace_rps * speed)
-                    r = run_one(args.trace, n, policy, speed, time_scale, args, Path(tmp))
-                    r["load"] = load
-                    rows.append(r)
-                    print(json.dumps(r), file=sys.stderr)
+    seeds = list(dict.fromkeys(args.seed + args.seeds)) or [0]
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     commands = [f"python bench/routing_quality.py {' '.join(sys.argv[1:])}"]
+    old = None
     if args.append and args.out and (args.out / "routing_quality.json").exists():
-        rows, offline, commands = merge(json.loads((args.out / "routing_quality.json").read_text()), config, rows,
-                                        offline, commands)
-    report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "config": config,
-              "commands": commands, "offline": offline, "runs": rows}
-    md = markdown(rows, offline)
-    print(json.dumps(report, indent=2))
-    print(md)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "routing_quality.json").write_text(json.dumps(report, indent=2))
-        cmds = "\n".join(f"    {c}" for c in commands)
-        (args.out / "routing_quality.md").write_text(f"Commands:\n\n{cmds}\n\n{md}")
-        plot(rows, args.out / "routing_quality.png")
+        old = json.loads((args.out / "routing_quality.json").read_text())
+        for r in old["runs"]:
+            r.setdefault("seed", 0)  # runs from before --seed replayed seed 0's prompts
+    rows: list[dict] = []
+
+    def write() -> None:
+        all_rows, all_offline, all_commands = (merge(old, config, rows, offline, commands) if old is not None
+                                               else (rows, offline, commands))
+        report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+                  "versions": {"python": platform.python_version(), "sglang-router": sglang_version()},
+                  "config": config, "commands": all_commands, "offline": all_offline, "runs": all_rows}
+        md = markdown(all_rows, all_offline)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "routing_quality.json").write_text(json.dumps(report, indent=2))
+            cmds = "\n".join(f"    {c}" for c in all_commands)
+            (args.out / "routing_quality.md").write_text(f"Commands:\n\n{cmds}\n\n{md}")
+            plot(all_rows, args.out / "routing_quality.png")
+        else:
+            print(json.dumps(report, indent=2))
+        print(md)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            trace = write_requests(args, seed, Path(tmp) / f"requests-{seed}.jsonl")
+            for n in args.workers:
+                for load in args.loads:
+                    for policy in args.policies:
+                        speed = offline[n]["speed_1x"] * load
+                        time_scale = args.time_scale or args.wall_rps / (trace_rps * speed)
+                        r = run_one(trace, n, policy, speed, time_scale, args, Path(tmp))
+                        r["load"], r["seed"] = load, seed
+                        rows.append(r)
+                        print(json.dumps(r), file=sys.stderr, flush=True)
+                        if args.out:
+                            write()
+    if not args.out:
+        write()
     return 0
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from loadgen.report import percentile
 from router.policies import make_policy
+from router.policies.random import RandomPolicy
 from router.prefix import RouteKeys
 from router.settings import RouterSettings
 from router.workers import WorkerPool
@@ -98,13 +99,20 @@ def _digest(*parts: Any) -> bytes:
     return blake2b(repr(parts).encode(), digest_size=16).digest()
 
 
-def route_keys(req: dict[str, Any], prefix_tokens: int = 256, session_tokens: int = 1024) -> RouteKeys:
+def route_keys(req: dict[str, Any], prefix_tokens: int = 256, session_tokens: int = 1024, seed: int = 0
+               ) -> RouteKeys:
     """What the router computes for a completion prompt built from this trace line: the routing key over the
-    first P tokens, the session key over the first S tokens (blocks are 512 tokens, cut at the input length)."""
+    first P tokens, the session key over the first S tokens (blocks are 512 tokens, cut at the input length).
+
+    `seed` stands for the content behind the trace's hash ids (the trace gives only which blocks are equal, not
+    their tokens; loadgen's PromptBuilder(seed=...) picks them), and so for where each key lands on the ring:
+    another seed is another, equally valid, assignment of keys to workers. 0 is the unsalted historical one."""
     n = req["input_length"]
     p, s = min(n, prefix_tokens), min(n, session_tokens)
     ids = req["hash_ids"]
-    return RouteKeys(_digest(ids[:-(-p // TRACE_BLOCK)], p), _digest(ids[:-(-s // TRACE_BLOCK)], s), p, 0.0)
+    salt = (seed,) if seed else ()
+    return RouteKeys(_digest(*salt, ids[:-(-p // TRACE_BLOCK)], p), _digest(*salt, ids[:-(-s // TRACE_BLOCK)], s),
+                     p, 0.0)
 
 
 @dataclass
@@ -129,13 +137,15 @@ class Outcome:
     ttft_p99_s: float
     reasons: dict[str, int]
     busy_max_mean: float
+    per_worker: list[dict[str, Any]] = field(default_factory=list)  # requests, mean prompt tokens, busy s, hits
 
 
 def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed: float,
-             profile: GpuProfile = GpuProfile(), max_output: int = 64) -> Outcome:
-    """Replay `reqs` at `speed` x trace time through `settings.policy` to n simulated workers."""
+             profile: GpuProfile = GpuProfile(), max_output: int = 64, seed: int = 0) -> Outcome:
+    """Replay `reqs` at `speed` x trace time through `settings.policy` to n simulated workers. `seed` salts the
+    routing and session keys (see route_keys) and seeds the random policy's RNG."""
     clock = [0.0]
-    policy = make_policy(settings, clock=lambda: clock[0])
+    policy = RandomPolicy(seed) if settings.policy == "random" else make_policy(settings, clock=lambda: clock[0])
     pool = WorkerPool(vnodes=settings.vnodes)
     cap = per_worker_blocks(profile)
     kv_cap = profile.kv_capacity_bytes // profile.kv_bytes_per_token
@@ -189,7 +199,7 @@ def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed
         clock[0] = now
         if kind == "arrive":
             r = reqs[data]
-            d = policy.choose(route_keys(r, settings.prefix_tokens, settings.session_tokens), pool)
+            d = policy.choose(route_keys(r, settings.prefix_tokens, settings.session_tokens, seed), pool)
             reasons[d.reason] = reasons.get(d.reason, 0) + 1
             pool.acquire(d.worker)
             w = workers[d.worker]
@@ -221,6 +231,9 @@ def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed
     ws = list(workers.values())
     mean = sum(w.requests for w in ws) / n
     busy_mean = sum(w.busy_s for w in ws) / n
+    per_worker = [{"worker": w.name, "requests": w.requests, "busy_s": w.busy_s,
+                   "mean_prompt_tokens": w.prompt_tokens / w.requests if w.requests else 0.0,
+                   "hit_ratio": w.cached_tokens / w.prompt_tokens if w.prompt_tokens else 0.0} for w in ws]
     return Outcome(sum(w.cached_tokens for w in ws) / sum(w.prompt_tokens for w in ws),
                    max(w.requests for w in ws) / mean, percentile(ttft, 50) or 0.0, percentile(ttft, 99) or 0.0,
-                   reasons, max(w.busy_s for w in ws) / busy_mean if busy_mean else 0.0)
+                   reasons, max(w.busy_s for w in ws) / busy_mean if busy_mean else 0.0, per_worker)

@@ -101,10 +101,14 @@ def read_requests(path: Path, limit: int | None = None) -> list[RecordedRequest]
 class PromptBuilder:
     """Text whose tokens mirror a trace's blocks: block `h` is `block_tokens` words drawn from a seeded stream
     for `h`, every word one token of the tokenizer that never merges with its neighbours (a space-led word), so
-    requests sharing k leading hash ids share exactly k x block_tokens leading tokens."""
+    requests sharing k leading hash ids share exactly k x block_tokens leading tokens. `seed` picks another
+    stream per hash id (the trace fixes only which blocks are equal, not their words): other token ids, so other
+    routing keys and other places on a router's hash ring, with the same sharing. Seed 0 is the original one."""
 
-    def __init__(self, tokenizer: Any, block_tokens: int = TRACE_BLOCK_TOKENS, vocab_size: int = 4096):
+    def __init__(self, tokenizer: Any, block_tokens: int = TRACE_BLOCK_TOKENS, vocab_size: int = 4096,
+                 seed: int = 0):
         self.block_tokens = block_tokens
+        self.seed = seed
         vocab = tokenizer.get_vocab()
         words = []
         for tok in sorted(vocab):
@@ -123,7 +127,7 @@ class PromptBuilder:
     def block(self, h: int) -> list[str]:
         b = self._blocks.get(h)
         if b is None:
-            b = random.Random(h * 2654435761 + 97).choices(self.words, k=self.block_tokens)
+            b = random.Random(h * 2654435761 + 97 + (self.seed << 64)).choices(self.words, k=self.block_tokens)
             if len(self._blocks) < 200_000:
                 self._blocks[h] = b
         return b
