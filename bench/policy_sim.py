@@ -92,6 +92,8 @@ def markdown(rows: list[dict], seeds: list[int], per_worker_blocks: int, per_wor
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trace", type=Path, default=fs.TRACE)
+    p.add_argument("--shape", choices=["longdoc", "hotdoc"],
+                   help="instead of --trace: a synthetic shape (loadgen.shapes, seed 0) of --max-requests lines")
     p.add_argument("--workers", type=int, nargs="+", default=[8, 32])
     p.add_argument("--policies", nargs="+", default=["cache_aware", "round_robin", "least_loaded", "random"])
     p.add_argument("--loads", type=float, nargs="+", default=[0.5, 1.0, 2.0])
@@ -104,6 +106,10 @@ def main() -> int:
     p.add_argument("--out", type=Path, help="markdown file to write the table to (and .json beside it)")
     args = p.parse_args()
     seeds = list(dict.fromkeys(args.seed + args.seeds)) or [0]
+    if args.shape:
+        from loadgen.shapes import trace_file
+
+        args.trace = trace_file(args.shape, args.max_requests or 1200)
     reqs = fs.load_trace(args.trace, args.max_requests)
     overrides = dict(kv.split("=", 1) for kv in args.set)
     profile = GpuProfile()

@@ -8,9 +8,11 @@ not differences of percentiles (p99(routed) - p99(direct) mixes unrelated reques
 p50); direct and routed p50 are reported alongside. The same for streamed requests (time to [DONE]);
 the router's in-process key computation (render + tokenize P tokens + hash) with a cold and a warm
 tokenization cache; then a closed-loop load (wrk when installed, else Python) for requests/s and router CPU
-per request. Prints JSON, then a markdown table; `--out DIR` writes router_overhead.{json,md}.
+per request. Side by side in one run: prefixroute (with `--processes 1` and more, throughput only past 1) and
+SGLang's router from PyPI (`sglang-router`), in front of the same `--upstreams` fast servers. Prints JSON, then
+markdown tables; `--out DIR` writes router_overhead.{json,md}.
 
-  python bench/router_overhead.py [--samples 300] [--out docs/benchmarks]
+  python bench/router_overhead.py [--samples 300] [--routers prefixroute sglang] [--processes 1 2] [--out DIR]
   python bench/router_overhead.py --serve-upstream PORT    (the fast upstream itself)
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import os
 import platform
@@ -71,10 +74,16 @@ def upstream_app() -> web.Application:
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "fast", "object": "model", "created": 0}]})
 
+    async def sglang_info(request: web.Request) -> web.Response:  # what SGLang's router asks a worker
+        return web.json_response({"model_path": "fast", "tokenizer_path": "fast", "is_generation": True})
+
     app = web.Application(client_max_size=64 << 20)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/health", health)
+    app.router.add_get("/health_generate", health)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/get_server_info", sglang_info)
+    app.router.add_get("/get_model_info", sglang_info)
     return app
 
 
@@ -175,8 +184,19 @@ def keyer_timing(sizes: list[int], reps: int = 200) -> dict[int, dict[str, float
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of a process and its children (a router's --processes), live ones included."""
+    import psutil
+
+    total = 0.0
+    procs = [psutil.Process(pid)]
+    procs += procs[0].children(recursive=True)
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def wrk_rps(url: str, payload: bytes, seconds: int, connections: int) -> float:
@@ -207,39 +227,62 @@ async def python_rps(url: str, payload: bytes, seconds: float, connections: int)
         return done / (time.perf_counter() - t0)
 
 
+def router_command(kind: str, port: int, upstreams: list[str], processes: int) -> list[str]:
+    if kind == "sglang":  # SGLang's router from PyPI, its default policy (cache_aware)
+        return ["-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port), "--worker-urls",
+                *upstreams, "--log-level", "warn"]
+    return ["-m", "router", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+            "--processes", str(processes), *sum((["--worker", u] for u in upstreams), [])]
+
+
+async def measure(s: aiohttp.ClientSession, args: argparse.Namespace, kind: str, processes: int,
+                  upstreams: list[str]) -> dict[str, Any]:
+    port = free_port()
+    router = f"http://127.0.0.1:{port}"
+    proc = spawn(router_command(kind, port, upstreams, processes))
+    try:
+        await wait_ok(s, router + ("/health" if kind != "sglang" else "/v1/models"))
+        if processes > 1:
+            await asyncio.sleep(20)  # the other processes bind once they have loaded the tokenizer
+        out: dict[str, Any] = {"latency": {}, "streaming": {}}
+        if processes == 1:
+            for n in args.sizes:
+                body = {"model": "fast", "messages": prompt_of(n), "max_tokens": 16}
+                payload = json.dumps(body).encode()
+                out["latency"][n] = await latency(s, upstreams[0], router, payload, args.samples)
+                spayload = json.dumps({**body, "stream": True}).encode()
+                out["streaming"][n] = await latency(s, upstreams[0], router, spayload, args.samples)
+        small = json.dumps({"model": "fast", "messages": prompt_of(200), "max_tokens": 16}).encode()
+        c0, t0 = cpu_seconds(proc.pid), time.perf_counter()
+        tool = "wrk" if shutil.which("wrk") else "python"
+        if tool == "wrk":
+            rps = wrk_rps(router, small, args.seconds, args.connections)
+        else:
+            rps = await python_rps(router, small, args.seconds, args.connections)
+        cpu = cpu_seconds(proc.pid) - c0
+        wall = time.perf_counter() - t0
+        out["throughput"] = {"tool": tool, "connections": args.connections, "rps": rps,
+                             "router_cpu_ms_per_request": cpu / (rps * wall) * 1e3 if rps else None,
+                             "router_cpu_util": cpu / wall}
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    ports = [free_port() for _ in range(3)]
-    procs = [spawn([__file__, "--serve-upstream", str(p)]) for p in ports[:2]]
-    upstreams = [f"http://127.0.0.1:{p}" for p in ports[:2]]
-    router = f"http://127.0.0.1:{ports[2]}"
-    procs.append(spawn(["-m", "router", "--host", "127.0.0.1", "--port", str(ports[2]), "--log-level", "warning",
-                        *sum((["--worker", u] for u in upstreams), [])]))
+    ports = [free_port() for _ in range(args.upstreams)]
+    procs = [spawn([__file__, "--serve-upstream", str(p)]) for p in ports]
+    upstreams = [f"http://127.0.0.1:{p}" for p in ports]
+    results: dict[str, Any] = {}
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as s:
             for u in upstreams:
                 await wait_ok(s, u + "/health")
-            await wait_ok(s, router + "/health")
-            # Route every benchmark prompt to upstream 0 directly; through the router it lands on its home.
-            results = {"latency": {}, "streaming": {}}
-            for n in args.sizes:
-                body = {"model": "fast", "messages": prompt_of(n), "max_tokens": 16}
-                payload = json.dumps(body).encode()
-                results["latency"][n] = await latency(s, upstreams[0], router, payload, args.samples)
-                spayload = json.dumps({**body, "stream": True}).encode()
-                results["streaming"][n] = await latency(s, upstreams[0], router, spayload, args.samples)
-            small = json.dumps({"model": "fast", "messages": prompt_of(200), "max_tokens": 16}).encode()
-            rpid = procs[-1].pid
-            c0, t0 = cpu_seconds(rpid), time.perf_counter()
-            tool = "wrk" if shutil.which("wrk") else "python"
-            if tool == "wrk":
-                rps = wrk_rps(router, small, args.seconds, args.connections)
-            else:
-                rps = await python_rps(router, small, args.seconds, args.connections)
-            cpu = cpu_seconds(rpid) - c0
-            wall = time.perf_counter() - t0
-            results["throughput"] = {"tool": tool, "connections": args.connections, "rps": rps,
-                                     "router_cpu_ms_per_request": cpu / (rps * wall) * 1e3 if rps else None,
-                                     "router_cpu_util": cpu / wall}
+            for kind in args.routers:
+                for processes in (args.processes if kind == "prefixroute" else [1]):
+                    name = kind if processes == 1 else f"{kind} x{processes}"
+                    results[name] = await measure(s, args, kind, processes, upstreams)
     finally:
         for p in procs:
             p.terminate()
@@ -250,25 +293,32 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown(r: dict[str, Any]) -> str:
-    lines = ["| prompt tokens | direct p50 ms | routed p50 ms | added p50 ms | added p90 ms | added p99 ms "
-             "| streamed: added p50 ms | streamed: added p90 ms | streamed: added p99 ms | key cold us | key warm us |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for n, lat in r["latency"].items():
-        st, k = r["streaming"][n], r["key_computation"][n]
-        lines.append(f"| {n} | {lat['direct_p50_ms']:.3f} | {lat['routed_p50_ms']:.3f} | {lat['added_p50_ms']:.3f} | "
-                     f"{lat['added_p90_ms']:.3f} | {lat['added_p99_ms']:.3f} | {st['added_p50_ms']:.3f} | "
-                     f"{st['added_p90_ms']:.3f} | {st['added_p99_ms']:.3f} | "
-                     f"{k['key_cold_us']:.0f} | {k['key_warm_us']:.0f} |")
-    t = r["throughput"]
-    pairs = next(iter(r["latency"].values()))["pairs"] if r["latency"] else 0
-    lines.append("")
-    lines.append(f"Added latency: percentiles of routed_i - direct_i over {pairs} pairs per row, each pair the same "
-                 "request sent straight to the upstream and through the router back to back at concurrency 1 "
-                 "(nearest-rank percentiles; direct and routed p50 are each path's own). Streamed: time to [DONE].")
-    lines.append("")
-    lines.append(f"Max throughput of one router process ({t['tool']}, {t['connections']} connections, 200-token "
-                 f"prompts): **{t['rps']:.0f} requests/s**, router CPU {t['router_cpu_ms_per_request']:.3f} ms per "
-                 f"request ({t['router_cpu_util']:.2f} cores busy).")
+    routers = [k for k in r if k != "key_computation"]
+    lines = ["| router | prompt tokens | direct p50 ms | routed p50 ms | added p50 ms | added p90 ms | added p99 ms "
+             "| streamed: added p50 ms | streamed: added p90 ms | streamed: added p99 ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    pairs = 0
+    for name in routers:
+        for n, lat in r[name]["latency"].items():
+            st = r[name]["streaming"][n]
+            pairs = lat["pairs"]
+            lines.append(f"| {name} | {n} | {lat['direct_p50_ms']:.3f} | {lat['routed_p50_ms']:.3f} | "
+                         f"{lat['added_p50_ms']:.3f} | {lat['added_p90_ms']:.3f} | {lat['added_p99_ms']:.3f} | "
+                         f"{st['added_p50_ms']:.3f} | {st['added_p90_ms']:.3f} | {st['added_p99_ms']:.3f} |")
+    lines += ["", f"Added latency: percentiles of routed_i - direct_i over {pairs} pairs per row, each pair the same "
+              "request sent straight to the upstream and through the router back to back at concurrency 1 "
+              "(nearest-rank percentiles; direct and routed p50 are each path's own). Streamed: time to [DONE].", "",
+              "| router | requests/s | router CPU ms per request | cores busy |", "|---|---:|---:|---:|"]
+    for name in routers:
+        t = r[name]["throughput"]
+        lines.append(f"| {name} | {t['rps']:.0f} | {t['router_cpu_ms_per_request']:.3f} | "
+                     f"{t['router_cpu_util']:.2f} |")
+    t = r[routers[0]]["throughput"] if routers else {"tool": "-", "connections": 0}
+    lines += ["", f"Throughput: {t['tool']}, {t['connections']} connections, 200-token prompts, closed loop; the load "
+              "generator, the upstreams and the router share the machine's cores.", "",
+              "| prompt tokens | prefixroute key cold us | key warm us |", "|---:|---:|---:|"]
+    for n, k in r["key_computation"].items():
+        lines.append(f"| {n} | {k['key_cold_us']:.0f} | {k['key_warm_us']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -279,6 +329,9 @@ def main() -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[200, 2000, 20000])
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--upstreams", type=int, default=4)
+    p.add_argument("--routers", nargs="+", default=["prefixroute", "sglang"], choices=["prefixroute", "sglang"])
+    p.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="prefixroute --processes to measure")
     p.add_argument("--out")
     args = p.parse_args()
     if args.serve_upstream:
@@ -286,7 +339,12 @@ def main() -> int:
                     shutdown_timeout=0.5)
         return 0
     results = asyncio.run(run(args))
-    report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+    try:
+        sglang = importlib.metadata.version("sglang-router")
+    except importlib.metadata.PackageNotFoundError:
+        sglang = None
+    report = {"versions": {"sglang-router": sglang},
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                           "loadavg_at_end": os.getloadavg()},  # 1, 5, 15 min: other work sharing the CPUs
               "config": {k: v for k, v in vars(args).items() if k != "serve_upstream"}, "results": results}
     md = markdown(results)

@@ -120,10 +120,9 @@ def run_one(trace: Path, n: int, policy: str, speed: float, time_scale: float, a
                                          log=log, module="sglang_router.launch_router")
         else:
             prefix = max(1, math.ceil(256 / scale))  # the first 256 real tokens, in scaled tokens
-            session = max(1, math.ceil(1024 / scale))
+            block = max(16, math.ceil(256 / scale))  # index blocks of ~64 real tokens, in scaled bytes
             router, rproc = start_router(urls, "--policy", policy, "--prefix-tokens", str(prefix),
-                                         "--session-tokens", str(session),
-                                         "--log-level", "warning", log=log)
+                                         "--index-block-bytes", str(block), "--log-level", "warning", log=log)
         procs.append(rproc)
         out = workdir / f"{policy}-{n}-{speed:.2f}"
         t0 = time.time()
@@ -237,6 +236,8 @@ def merge(old: dict, config: dict, rows: list[dict], offline: dict, commands: li
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trace", type=Path, default=TRACE)
+    p.add_argument("--shape", choices=["longdoc", "hotdoc"],
+                   help="instead of --trace: a synthetic shape (loadgen.shapes, seed 0) of --max-requests lines")
     p.add_argument("--workers", type=int, nargs="+", default=[8, 32])
     p.add_argument("--policies", nargs="+", default=POLICIES, choices=POLICIES)
     p.add_argument("--loads", type=float, nargs="+", default=[0.5, 1.0, 2.0])
@@ -258,6 +259,10 @@ def main() -> int:
             [sys.executable, "-c", "import sglang_router"], capture_output=True).returncode != 0:
         print("sglang-router is not installed (pip install sglang-router); skipping it", file=sys.stderr)
         args.policies = [x for x in args.policies if x != "sglang"]
+    if args.shape:
+        from loadgen.shapes import trace_file
+
+        args.trace = trace_file(args.shape, args.max_requests or 1200)
     reqs = load_trace(args.trace, args.max_requests)
     trace_rps = len(reqs) / (((reqs[-1]["timestamp"] - reqs[0]["timestamp"]) / 1000) or 1.0)
     profile = GpuProfile()

@@ -99,20 +99,21 @@ def _digest(*parts: Any) -> bytes:
     return blake2b(repr(parts).encode(), digest_size=16).digest()
 
 
-def route_keys(req: dict[str, Any], prefix_tokens: int = 256, session_tokens: int = 1024, seed: int = 0
-               ) -> RouteKeys:
+def route_keys(req: dict[str, Any], prefix_tokens: int = 256, seed: int = 0) -> RouteKeys:
     """What the router computes for a completion prompt built from this trace line: the routing key over the
-    first P tokens, the session key over the first S tokens (blocks are 512 tokens, cut at the input length).
+    first P tokens, and the prompt's block chain: the trace's own hash ids (equal ids mean equal prefixes), with
+    their token counts.
 
     `seed` stands for the content behind the trace's hash ids (the trace gives only which blocks are equal, not
     their tokens; loadgen's PromptBuilder(seed=...) picks them), and so for where each key lands on the ring:
     another seed is another, equally valid, assignment of keys to workers. 0 is the unsalted historical one."""
     n = req["input_length"]
-    p, s = min(n, prefix_tokens), min(n, session_tokens)
+    p = min(n, prefix_tokens)
     ids = req["hash_ids"]
     salt = (seed,) if seed else ()
-    return RouteKeys(_digest(*salt, ids[:-(-p // TRACE_BLOCK)], p), _digest(*salt, ids[:-(-s // TRACE_BLOCK)], s),
-                     p, 0.0)
+    blocks = [(seed << 48) | i for i in ids] if seed else ids
+    return RouteKeys(_digest(*salt, ids[:-(-p // TRACE_BLOCK)], p), None, p, 0.0, blocks,
+                     [min(n, TRACE_BLOCK * (i + 1)) for i in range(len(ids))], n)
 
 
 @dataclass
@@ -154,6 +155,8 @@ def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed
         w = pool.add(f"http://w{i}:8000")
         pool.mark_ok(w.url)
         workers[w.url] = SimWorker(w.url, BlockCache(1, cap))
+        if hasattr(policy, "index"):  # what a live worker reports on /health
+            policy.index.set_budget(w.url, cap * TRACE_BLOCK)
     events: list[tuple[float, int, str, Any]] = []
     seq = 0
 
@@ -169,6 +172,7 @@ def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed
     arrive_t: dict[int, float] = {}
     reasons: dict[str, int] = {}
     pins: dict[int, list] = {}
+    work: dict[int, tuple[int, int]] = {}  # request -> (prefill, context) the router charged its worker
 
     def reserve(r: dict[str, Any]) -> int:
         return r["input_length"] + min(r["output_length"], max_output)
@@ -199,9 +203,10 @@ def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed
         clock[0] = now
         if kind == "arrive":
             r = reqs[data]
-            d = policy.choose(route_keys(r, settings.prefix_tokens, settings.session_tokens, seed), pool)
+            d = policy.choose(route_keys(r, settings.prefix_tokens, seed), pool)
             reasons[d.reason] = reasons.get(d.reason, 0) + 1
-            pool.acquire(d.worker)
+            pool.acquire(d.worker, d.prefill, d.context)
+            work[data] = (d.prefill, d.context)
             w = workers[d.worker]
             w.requests += 1
             arrive_t[data] = now
@@ -213,6 +218,7 @@ def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed
             r = reqs[i]
             pins[i] = insert_chain(w.cache, r["hash_ids"], pins[i])
             ttft.append(now - arrive_t[i])
+            pool.prefilled(name, work[i][0])  # the first token streams back: the router sees prefill done
             w.prefilling = False
             steps = max(0, min(r["output_length"], max_output) - 1)
             w.decoding[i] = r["input_length"]
@@ -226,7 +232,7 @@ def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed
             del w.decoding[i]
             w.kv_tokens -= reserve(reqs[i])
             w.cache.release(pins.pop(i))
-            pool.release(name)
+            pool.release(name, 0, work.pop(i)[1])
             start_prefill(w, now)
     ws = list(workers.values())
     mean = sum(w.requests for w in ws) / n

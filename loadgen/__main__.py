@@ -11,10 +11,22 @@ from pathlib import Path
 
 import httpx
 
-from loadgen import report
+from loadgen import report, shapes
 from loadgen.replay import Job, Result, replay
 from loadgen.synth import KINDS, generate
-from loadgen.traces import PromptBuilder, RecordedRequest, TraceError, detect_format, read_mooncake, read_requests
+from loadgen.traces import (
+    MooncakeLine,
+    PromptBuilder,
+    RecordedRequest,
+    TraceError,
+    detect_format,
+    read_mooncake,
+    read_requests,
+)
+
+SHAPES = ("longdoc", "hotdoc")
+_SHAPE_ARGS = ("doc_tokens", "repeat_share", "repeat_window", "hot_share", "hot_doc_tokens", "tail_docs",
+               "continue_share", "max_turns")
 from protocol.cli import raise_open_files_limit
 
 
@@ -46,7 +58,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument("--tokenizer", help="model dir or .gguf whose tokenizer builds trace prompts")
         _common(p)
     p = sub.add_parser("synth")
-    p.add_argument("kind", choices=KINDS)
+    p.add_argument("kind", choices=KINDS + SHAPES)
     p.add_argument("--url", required=True, action="append")
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--rate", type=float, default=5.0, help="requests per second (Poisson)")
@@ -54,6 +66,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--tenant-key", action="append", help="API keys of the tenants workload")
+    g = p.add_argument_group("longdoc and hotdoc (Mooncake-format traces; loadgen.shapes)")
+    g.add_argument("--doc-tokens", type=int, nargs=2, metavar=("MIN", "MAX"), help="longdoc document sizes")
+    g.add_argument("--repeat-share", type=float, help="longdoc: share of requests repeating an earlier document")
+    g.add_argument("--repeat-window", type=int, help="longdoc: a repeat picks one of the last N documents")
+    g.add_argument("--hot-share", type=float, help="hotdoc: share of requests on the hot document")
+    g.add_argument("--hot-doc-tokens", type=int)
+    g.add_argument("--tail-docs", type=int, help="hotdoc: other documents (Zipf-popular)")
+    g.add_argument("--continue-share", type=float, help="hotdoc: share of requests continuing a conversation")
+    g.add_argument("--max-turns", type=int)
+    g.add_argument("--block-tokens", type=int, default=512, help="tokens per 512-token trace block")
+    g.add_argument("--tokenizer", help="model dir or .gguf whose tokenizer builds the prompts")
+    g.add_argument("--trace-out", type=Path, help="also write the trace (Mooncake JSONL) for replay or policy_sim")
     _common(p)
     args = ap.parse_args(argv)
     if args.cmd != "compare" and len(args.url) > 1:
@@ -74,22 +98,43 @@ def first_model(url: str, api_key: str | None) -> str:
     return r.json()["data"][0]["id"]
 
 
+def trace_requests(lines: list[MooncakeLine], args: argparse.Namespace, max_output: int | None
+                   ) -> list[RecordedRequest]:
+    """Completion requests whose prompts share blocks as the trace lines' hash ids do."""
+    from protocol.modelfiles import load_tokenizer, resolve_model_path
+
+    builder = PromptBuilder(load_tokenizer(resolve_model_path(args.tokenizer)), args.block_tokens)
+    out = []
+    for line in lines:
+        n = line.output_length if max_output is None else min(line.output_length, max_output)
+        out.append(RecordedRequest(timestamp=line.timestamp, endpoint="/v1/completions", body={
+            "prompt": builder.prompt(line), "max_tokens": max(1, n), "temperature": 0}))
+    return out
+
+
+def shape_trace(args: argparse.Namespace) -> list[dict]:
+    given = {k: getattr(args, k) for k in _SHAPE_ARGS if getattr(args, k) is not None}
+    if "doc_tokens" in given:
+        given["doc_tokens"] = tuple(given["doc_tokens"])
+    lines = shapes.generate(args.kind, shapes.ShapeParams(requests=args.requests, rate=args.rate, **given),
+                            seed=args.seed)
+    if args.trace_out:
+        with open(args.trace_out, "w") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
+    return lines
+
+
 def build_jobs(args: argparse.Namespace, model: str) -> list[Job]:
-    if args.cmd == "synth":
+    if args.cmd == "synth" and args.kind in SHAPES:
+        lines = [MooncakeLine.model_validate(line) for line in shape_trace(args)]
+        recorded = trace_requests(lines, args, args.max_tokens)
+    elif args.cmd == "synth":
         recorded = generate(args.kind, args.requests, args.rate, seed=args.seed, prompts=args.prompts,
                             max_tokens=args.max_tokens, tenants=args.tenant_key)
     elif detect_format(args.trace) == "requests":
         recorded = read_requests(args.trace, args.max_requests)
     else:
-        from protocol.modelfiles import load_tokenizer, resolve_model_path
-
-        builder = PromptBuilder(load_tokenizer(resolve_model_path(args.tokenizer)), args.block_tokens)
-        recorded = []
-        for line in read_mooncake(args.trace, args.max_requests):
-            out = line.output_length if args.max_output_tokens is None else min(line.output_length,
-                                                                               args.max_output_tokens)
-            recorded.append(RecordedRequest(timestamp=line.timestamp, endpoint="/v1/completions", body={
-                "prompt": builder.prompt(line), "max_tokens": max(1, out), "temperature": 0}))
+        recorded = trace_requests(read_mooncake(args.trace, args.max_requests), args, args.max_output_tokens)
     jobs = []
     for rec in recorded[: args.max_requests]:
         body = dict(rec.body)

@@ -1,44 +1,33 @@
-"""`python -m router`: load the served model's tokenizer, probe the workers and serve the OpenAI API."""
+"""`python -m router`: load the served model's tokenizer, probe the workers and serve the OpenAI API; with
+`--processes N`, N processes share the port (SO_REUSEPORT) so one host's router scales past one core. Each
+process keeps its own routing state (prefix index, rates, sessions)."""
 
 from __future__ import annotations
 
-import logging
+import multiprocessing
 import sys
 
-from aiohttp import web
-
-from protocol.cli import raise_open_files_limit, settings_or_exit
-from protocol.modelfiles import ModelNotFound, load_tokenizer, resolve_model_path
-from router.app import Router
+from protocol.cli import settings_or_exit
+from router.serve import serve
 from router.settings import parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
     settings = settings_or_exit(parse_args, argv)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.processes == 1:
+        return serve(argv)
+    ctx = multiprocessing.get_context("spawn")  # no fork after the tokenizer's threads started
+    args = list(argv) if argv is not None else sys.argv[1:]
+    children = [ctx.Process(target=serve, args=(args,), daemon=True) for _ in range(settings.processes - 1)]
+    for c in children:
+        c.start()
     try:
-        tokenizer = load_tokenizer(resolve_model_path(settings.model))
-        router = Router(settings, tokenizer)
-    except (ModelNotFound, ValueError) as exc:
-        print(f"cannot start the router: {exc}", file=sys.stderr)
-        return 2
-    log = logging.getLogger("prefixroute.router")
-    log.info("policy %s, %d worker(s), %s mode", settings.policy, len(settings.workers),
-             "open" if settings.open_mode else f"{len(settings.tenants)} tenant(s)")
-    files = raise_open_files_limit()
-    if files < 2 * settings.max_connections + 64:
-        log.warning("open files limit %d is below 2 x max_connections (%d): raise `ulimit -n`", files,
-                    settings.max_connections)
-    # uvloop roughly halves the event loop's share of each proxied request; plain asyncio where it is missing.
-    try:
-        import uvloop
-    except ImportError:
-        loop_factory = None
-    else:
-        loop_factory = uvloop.new_event_loop
-    web.run_app(router.app(), host=settings.host, port=settings.port, print=None, access_log=None,
-                loop=loop_factory() if loop_factory else None)
-    return 0
+        return serve(argv)
+    finally:
+        for c in children:
+            c.terminate()
+        for c in children:
+            c.join(5)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,11 @@ class Router:
         for w in settings.workers:
             self.pool.add(w.url, w.weight)
         self.policy = policy or make_policy(settings)
-        self.keyer = PrefixKeyer(tokenizer, settings.prefix_tokens, settings.session_tokens)
+        self.keyer = PrefixKeyer(tokenizer, settings.prefix_tokens, settings.index_block_bytes)
+        index = getattr(self.policy, "index", None)
+        if index is not None:  # the index follows each worker's cache: its size, and its loss on removal
+            self.pool.on_remove.append(index.forget_worker)
+            self.pool.on_cache_size.append(index.set_budget)
         self.tenants = Tenants(settings.tenants, settings.open_tenant_secret.get_secret_value())
         self.admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
         self.metrics = RouterMetrics(self.pool)

@@ -23,11 +23,15 @@ class _PoolCollector(Collector):
         inflight = GaugeMetricFamily("prefixroute_router_inflight", "Requests in flight per worker", labels=["worker"])
         healthy = GaugeMetricFamily("prefixroute_router_worker_up", "1 if the worker is on the ring",
                                     labels=["worker"])
+        prefill = GaugeMetricFamily("prefixroute_router_queued_prefill_tokens",
+                                    "Prompt tokens the router expects each worker still to prefill", labels=["worker"])
         for w in list(self.pool.workers.values()):
             inflight.add_metric([w.name], w.inflight)
             healthy.add_metric([w.name], 1 if w.usable else 0)
+            prefill.add_metric([w.name], w.prefill)
         yield inflight
         yield healthy
+        yield prefill
         yield GaugeMetricFamily("prefixroute_router_workers_active", "Workers on the ring", value=len(self.pool.active))
 
 

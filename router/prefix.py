@@ -1,13 +1,17 @@
-"""The routing key and the session key of a request.
+"""What the router computes of a request: its routing key, its prompt's block hash chain, and an explicit
+session identity when the client gives one.
 
 Routing key = keyed blake2b(tenant key; prompt_cache_key, first P token ids of the rendered prompt). Only as
 many characters as P tokens need are tokenized, and a chat is rendered only through the messages those P tokens
-need (and at least through its first user message), so later turns cost nothing; repeated prefixes hit a small
-LRU of tokenizations. The session key names a conversation, so its turns can follow its cache: an explicit
-identity, else the conversation's opening (chat: the template's rendering of the messages up to and including
-the first user message; completions: the first S tokens).
+need, so later turns cost nothing; repeated prefixes hit a small LRU of tokenizations.
 
-Cost per request: tokenization O(P); rendering and hashing O(opening + the messages that complete P tokens).
+Block chain: the prompt's content (a chat's roles and message texts, a completion's text) cut at fixed offsets
+and hashed as a chain seeded by the tenant and prompt_cache_key (router.index): what the prefix index matches
+against what each worker is expected to hold. Token counts along it are estimated from the bytes per token of
+the routing key's own window, so the tokenizer's work stays O(P).
+
+Cost per request: tokenization O(P); rendering O(the messages that complete P tokens); block hashing O(prompt
+bytes) at memory speed (xxh3) in O(log prompt) calls.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import time
 from array import array
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from hashlib import blake2b
@@ -23,6 +28,7 @@ from typing import Any
 from protocol.errors import APIError
 from protocol.openai import ChatCompletionRequest, CompletionRequest
 from protocol.prompt import chat_messages, render_chat
+from router.index import chain
 from router.tenants import Tenant
 
 _CHARS_PER_TOKEN_GUESS = 5  # first window; doubled until it holds more than P tokens
@@ -31,13 +37,20 @@ _CHARS_PER_TOKEN_GUESS = 5  # first window; doubled until it holds more than P t
 @dataclass(frozen=True)
 class RouteKeys:
     key: bytes  # routing key (16 bytes)
-    session: bytes  # session key (16 bytes)
+    session: bytes | None  # explicit session identity (prompt_cache_key, user, x-session-id), if any
     prefix_tokens: int  # how many tokens went into the routing key
     tokenize_s: float
+    blocks: Sequence[int] = ()  # the prompt's block hash chain
+    block_tokens: Sequence[int] = ()  # estimated prompt tokens up to the end of each block
+    prompt_tokens: int = 0  # estimated prompt tokens
 
     @property
     def short(self) -> str:
         return self.key.hex()[:12]
+
+    def tokens_through(self, blocks: int) -> int:
+        """Estimated tokens in the first `blocks` blocks."""
+        return self.block_tokens[blocks - 1] if blocks else 0
 
 
 def _h(tenant: Tenant, *parts: bytes) -> bytes:
@@ -49,10 +62,10 @@ def _h(tenant: Tenant, *parts: bytes) -> bytes:
 
 
 class PrefixKeyer:
-    def __init__(self, tokenizer: Any, prefix_tokens: int, session_tokens: int = 1024, cache_size: int = 4096):
+    def __init__(self, tokenizer: Any, prefix_tokens: int, block_bytes: int = 256, cache_size: int = 4096):
         self.tokenizer = tokenizer
         self.P = prefix_tokens
-        self.S = session_tokens
+        self.block_bytes = block_bytes
         self._cache: OrderedDict[bytes, list[int]] = OrderedDict()
         self._cache_size = cache_size
 
@@ -63,7 +76,7 @@ class PrefixKeyer:
 
     def _window(self, text: str, complete: bool = True) -> tuple[list[int] | None, float]:
         """The first P token ids of `text`, tokenizing a window of characters that grows only as needed, and
-        the window's characters per token. For a text that is only the start of the prompt (`complete` false)
+        the window's bytes (UTF-8) per token. For a text that is only the start of the prompt (`complete` false)
         and holds no more than P tokens, None: the caller must extend it."""
         window = self.P * _CHARS_PER_TOKEN_GUESS
         while True:
@@ -78,15 +91,15 @@ class PrefixKeyer:
                     self._cache.popitem(last=False)
             else:
                 self._cache.move_to_end(ck)
-            cpt = len(part) / max(1, len(ids))
+            bpt = len(part.encode()) / max(1, len(ids))
             if whole and complete:
-                return ids[: self.P], cpt
+                return ids[: self.P], bpt
             # The window's last token may be cut mid-word (or merge with what follows the text): keep only
             # tokens followed by another one.
             if len(ids) > self.P:
-                return ids[: self.P], cpt
+                return ids[: self.P], bpt
             if whole:
-                return None, cpt
+                return None, bpt
             window *= 2
 
     def keys(self, tenant: Tenant, req: ChatCompletionRequest | CompletionRequest,
@@ -94,43 +107,46 @@ class PrefixKeyer:
         t0 = time.perf_counter()
         pck = (req.prompt_cache_key or "").encode()
         if isinstance(req, ChatCompletionRequest):
-            ids, session_src = self._chat(chat_messages(req))
+            messages = chat_messages(req)
+            ids, bpt = self._chat(messages)
+            data = "".join(f"{m['role']}\n{m['content']}\x1e" for m in messages).encode()
         else:
             prompt = req.single_prompt()
-            # No turns to go by: the opening S tokens stand for the conversation or document (about S x the
-            # characters per token measured on the key's own window, so equal openings cut alike, untokenized).
             if isinstance(prompt, str):
-                ids, cpt = self._window(prompt)
-                session_src = prompt[: int(self.S * cpt)]
+                ids, bpt = self._window(prompt)
+                data = prompt.encode()
             else:
-                ids = prompt[: self.P]
-                session_src = ",".join(map(str, prompt[: self.S]))
+                ids, bpt = prompt[: self.P], 4.0
+                data = array("I", prompt).tobytes()
         key = _h(tenant, b"route", pck, array("I", ids).tobytes())
-        # Explicit session identity first; else the conversation's opening (system + first user turn, or the
-        # first S tokens of a completion prompt), which every later turn of the same conversation repeats.
+        seed = int.from_bytes(_h(tenant, b"blocks", pck)[:8], "little")
+        blocks, ends = chain(data, self.block_bytes, seed)
+        per = 1 / max(bpt, 1e-6)
         explicit = req.prompt_cache_key or req.user or session_hint
-        session = _h(tenant, b"session", (explicit or session_src).encode(), b"explicit" if explicit else b"")
-        return RouteKeys(key, session, len(ids), time.perf_counter() - t0)
+        session = _h(tenant, b"session", explicit.encode()) if explicit else None
+        return RouteKeys(key, session, len(ids), time.perf_counter() - t0, blocks,
+                         [round(e * per) for e in ends], max(len(ids), round(len(data) * per)))
 
-    def _chat(self, messages: list[dict[str, str]]) -> tuple[list[int], str]:
-        """The first P token ids of the rendered chat and its opening (the rendering of the messages through the
-        first user message), rendering no more messages than those need."""
+    def _chat(self, messages: list[dict[str, str]]) -> tuple[list[int], float]:
+        """The first P token ids of the rendered chat and their bytes per token, rendering no more messages than
+        those need."""
         n = len(messages)
-        first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), n - 1)
-        opening = render_chat(self.tokenizer, messages[: first_user + 1], add_generation_prompt=False)
         if self._prefix_stable:
-            k, text = first_user + 1, opening
+            k = 1
             while True:
-                ids, _ = self._window(text, complete=False)
+                try:
+                    text = render_chat(self.tokenizer, messages[:k], add_generation_prompt=False)
+                except APIError:  # a template that refuses a partial conversation: render the whole one
+                    break
+                ids, bpt = self._window(text, complete=False)
                 if ids is not None:
-                    return ids, opening
+                    return ids, bpt
                 if k >= n:
                     break
                 k = min(n, k + max(1, k // 2))  # geometric, so a long chat takes O(log) renders
-                text = render_chat(self.tokenizer, messages[:k], add_generation_prompt=False)
-        ids, _ = self._window(render_chat(self.tokenizer, messages))
+        ids, bpt = self._window(render_chat(self.tokenizer, messages))
         assert ids is not None
-        return ids, opening
+        return ids, bpt
 
     @cached_property
     def _prefix_stable(self) -> bool:

@@ -48,7 +48,10 @@ class Proxy:
                 continue
             if attempt:
                 route = "failover"
-            self.pool.acquire(name)
+            # The worker's expected work while this request runs: its prefill until the first streamed byte
+            # (a non-streamed answer holds it to the end), its context until the end.
+            self.pool.acquire(name, decision.prefill, decision.context)
+            pending = [decision.prefill]
             try:
                 t0 = time.perf_counter()
                 try:
@@ -69,17 +72,17 @@ class Proxy:
                     continue
                 w.fails = 0  # failures count only when consecutive
                 headers = {"x-prefixroute-worker": name, "x-prefixroute-route": route, **extra_headers}
-                resp = await self._relay(request, name, up, headers)
+                resp = await self._relay(request, name, up, headers, pending)
                 self.metrics.requests.labels(route, name, str(up.status)).inc()
                 return resp
             finally:
-                self.pool.release(name)
+                self.pool.release(name, pending[0], decision.context)
         self.metrics.rejected.labels("502").inc()
         raise APIError(502, f"Upstream failure: {last_error}; tried {len(candidates)} worker(s).",
                        code="upstream_unavailable")
 
     async def _relay(self, request: web.Request, name: str, up: aiohttp.ClientResponse,
-                     headers: dict[str, str]) -> web.StreamResponse:
+                     headers: dict[str, str], pending: list[int]) -> web.StreamResponse:
         ctype = up.headers.get("content-type", "application/json")
         headers["content-type"] = ctype
         if not ctype.startswith("text/event-stream"):
@@ -96,6 +99,9 @@ class Proxy:
         await out.prepare(request)
         try:
             async for chunk in up.content.iter_any():
+                if pending[0]:
+                    self.pool.prefilled(name, pending[0])
+                    pending[0] = 0
                 await out.write(chunk)
         except ConnectionResetError:
             return out  # the client left; closing the upstream connection makes the worker abort the request

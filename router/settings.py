@@ -55,12 +55,15 @@ class RouterSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    processes: int = Field(1, ge=1, le=256, description="router processes sharing the port (SO_REUSEPORT)")
     workers: list[WorkerConfig] = Field(default_factory=list)
     policy: PolicyName = "cache_aware"
     model: str | None = Field(None, description="tokenizer/chat template source; default: the worker's default")
     # routing key
     prefix_tokens: int = Field(256, ge=1, le=32768, description="P: tokens of the stable prefix that are hashed")
-    session_tokens: int = Field(1024, ge=1, description="S: a completion prompt's opening that keys its session")
+    index_block_bytes: int = Field(256, ge=16, description="C: prompt bytes per index block (steps grow past 8 C)")
+    index_tokens_per_worker: int = Field(400_000, ge=1, description="prompt tokens a worker's cache is expected to "
+                                         "hold, where the worker does not say (its /health cache_capacity_tokens)")
     # cache_aware
     vnodes: int = Field(160, ge=1, le=4096, description="virtual nodes per unit of weight")
     spill_rpm: float = Field(15.0, gt=0, description="R: requests/minute per key before it spills")
@@ -68,6 +71,9 @@ class RouterSettings(BaseSettings):
     max_tracked_keys: int = Field(100_000, ge=16, description="keys whose rate, and sessions whose worker, are kept")
     load_factor: float = Field(1.25, ge=1.0, description="c: a worker above c x mean + s in-flight is passed over")
     load_slack: float = Field(4.0, ge=0.0, description="s")
+    prefill_weight: float = Field(32.0, ge=0.0, description="weight of the tokens a worker would have to prefill")
+    decode_weight: float = Field(0.01, ge=0.0, description="weight of the context tokens a worker's in-flight "
+                                 "requests hold, against its queued prefill tokens")
     # tenants
     tenants: list[TenantConfig] = Field(default_factory=list)
     open_tenant_secret: SecretStr = Field(SecretStr("prefixroute-open"), description="the one tenant of open mode")
@@ -106,15 +112,19 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterSettings:
     p = argparse.ArgumentParser(prog="python -m router", description="prefixroute cache-aware router")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
+    p.add_argument("--processes", type=int, help="processes sharing the port (each with its own routing state)")
     p.add_argument("--worker", action="append", dest="workers", metavar="URL", help="repeat for each worker")
     p.add_argument("--policy", choices=POLICIES)
     p.add_argument("--config", help="YAML or TOML file with any of the settings (tenants, workers, ...)")
     p.add_argument("--model", help="tokenizer source: local HF model directory or .gguf (default: the worker's)")
     p.add_argument("--prefix-tokens", type=int)
-    p.add_argument("--session-tokens", type=int)
     p.add_argument("--spill-rpm", type=float)
     p.add_argument("--load-factor", type=float)
     p.add_argument("--load-slack", type=float)
+    p.add_argument("--prefill-weight", type=float)
+    p.add_argument("--decode-weight", type=float)
+    p.add_argument("--index-tokens-per-worker", type=int)
+    p.add_argument("--index-block-bytes", type=int)
     p.add_argument("--admin-key")
     p.add_argument("--log-level")
     ns = vars(p.parse_args(argv))

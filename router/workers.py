@@ -27,8 +27,11 @@ class Worker:
     healthy: bool = False
     draining: bool = False
     inflight: int = 0
+    prefill: int = 0  # tokens its in-flight requests are expected to prefill and have not yet started streaming
+    context: int = 0  # prompt tokens of its in-flight requests (the KV they hold while they decode)
     fails: int = 0
     models: list[str] = field(default_factory=list)
+    cache_tokens: int | None = None  # prompt tokens its prefix cache holds, as its /health says
 
     @property
     def name(self) -> str:
@@ -58,12 +61,16 @@ class WorkerPool:
         self.total_inflight = 0  # every worker's requests, drained and failed ones included
         self.active_inflight = 0  # requests on the workers of `active` (the ring): what a load bound averages
         self.on_remove: list[Callable[[str], None]] = []
+        self.on_cache_size: list[Callable[[str, int], None]] = []  # a worker told its cache's size in tokens
 
     # ---- PoolView -----------------------------------------------------------------------------------------
 
     def inflight(self, name: str) -> int:
         w = self.workers.get(name)
         return w.inflight if w else 0
+
+    def worker(self, name: str) -> Worker | None:
+        return self.workers.get(name)
 
     def on_ring(self, name: str) -> bool:
         w = self.workers.get(name)
@@ -106,21 +113,32 @@ class WorkerPool:
 
     # ---- in-flight ----------------------------------------------------------------------------------------
 
-    def acquire(self, name: str) -> None:
-        w = self.workers.get(name)
-        if w is not None:
-            w.inflight += 1
-            self.total_inflight += 1
-            if w.usable:
-                self.active_inflight += 1
+    def acquire(self, name: str, prefill: int = 0, context: int = 0) -> None:
+        """A request goes to `name`: `prefill` tokens it is expected to compute there, `context` its prompt."""
+        self._add(name, 1, prefill, context)
 
-    def release(self, name: str) -> None:
+    def prefilled(self, name: str, prefill: int) -> None:
+        """The request's first token came back: its prefill is done (it still decodes, holding its context)."""
+        self._add(name, 0, -prefill, 0)
+
+    def release(self, name: str, prefill: int = 0, context: int = 0) -> None:
+        """The request ended; `prefill` is what `prefilled` did not already take back."""
         w = self.workers.get(name)
         if w is not None and w.inflight > 0:
-            w.inflight -= 1
-            self.total_inflight -= 1
-            if w.usable:
-                self.active_inflight -= 1
+            self._add(name, -1, -prefill, -context)
+
+    def _add(self, name: str, requests: int, prefill: int, context: int) -> None:
+        w = self.workers.get(name)
+        if w is None:
+            return
+        prefill = max(prefill, -w.prefill)
+        context = max(context, -w.context)
+        w.inflight += requests
+        w.prefill += prefill
+        w.context += context
+        self.total_inflight += requests
+        if w.usable:
+            self.active_inflight += requests
 
     # ---- health -------------------------------------------------------------------------------------------
 
@@ -153,6 +171,15 @@ class WorkerPool:
         try:
             async with client.get(w.url + "/health", timeout=t) as r:
                 ok = r.status == 200
+                try:  # other engines answer /health with no body or plain text
+                    health = await r.json(content_type=None) if ok else None
+                except ValueError:
+                    health = None
+            tokens = health.get("cache_capacity_tokens") if isinstance(health, dict) else None
+            if isinstance(tokens, int) and tokens > 0 and tokens != w.cache_tokens:
+                w.cache_tokens = tokens
+                for listener in self.on_cache_size:
+                    listener(w.name, tokens)
             if ok and (not w.healthy or not w.models):
                 async with client.get(w.url + "/v1/models", timeout=t) as m:
                     if m.status == 200:

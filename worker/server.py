@@ -74,8 +74,10 @@ class WorkerServer:
 
     async def health(self, request: web.Request) -> web.Response:
         alive = self.engine.alive
-        body = {"status": "ok" if alive else "engine stopped", "running": self.engine.num_running,
-                "waiting": self.engine.num_waiting}
+        e = self.engine
+        body = {"status": "ok" if alive else "engine stopped", "running": e.num_running, "waiting": e.num_waiting,
+                # what a router's prefix index sizes this worker's cache by
+                "cache_capacity_tokens": e.cache.capacity_bytes // e.runner.kv_bytes_per_token}
         return web.json_response(body, status=200 if alive else 503)
 
     async def model_info(self, request: web.Request) -> web.Response:
@@ -205,9 +207,11 @@ class WorkerServer:
                               choices=[CompletionChoice(text=text or "", finish_reason=finish)])
 
         try:
-            if endpoint == "chat":
-                await resp.write(sse(chunk(None, None, first=True)))
+            role_sent = endpoint != "chat"
             async for ev in stream:
+                if not role_sent:  # with the first token, as vLLM does: a router reads the first byte as TTFT
+                    await resp.write(sse(chunk(None, None, first=True)))
+                    role_sent = True
                 if ev.error:
                     await resp.write(sse(APIError(500, f"Generation failed: {ev.error}.", code="engine_error").body()))
                     break

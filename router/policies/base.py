@@ -8,15 +8,18 @@ from typing import Protocol
 
 from router.prefix import RouteKeys
 from router.ring import Ring
+from router.workers import Worker
 
 
 @dataclass
 class Decision:
     worker: str
-    reason: str  # affinity | spill | session | bounded | consistent_hash | round_robin | least_loaded | random
+    reason: str  # affinity | spill | cache | load | session | consistent_hash | round_robin | least_loaded | random
     order: Sequence[str] = ()  # failover candidates, in order from `start`, wrapping around; `worker` skipped
     start: int = 0
     fanout: int = 1  # workers the key is spread over (cache_aware)
+    prefill: int = 0  # prompt tokens the worker is expected to compute (not cached there)
+    context: int = 0  # prompt tokens (estimated)
 
     def fallbacks(self, limit: int) -> list[str]:
         """The first `limit` failover candidates: O(limit), whatever the size of the fleet."""
@@ -32,14 +35,16 @@ class Decision:
 
 
 class PoolView(Protocol):
-    """What a policy may read of the worker pool: the ring of usable workers, their in-flight counts, and the
-    sum of those counts over the ring's workers."""
+    """What a policy may read of the worker pool: the ring of usable workers, each one's in-flight requests and
+    work (router.workers.Worker), and the sums over the ring's workers."""
 
     ring: Ring
     active: list[str]
     active_inflight: int
 
     def inflight(self, name: str) -> int: ...
+
+    def worker(self, name: str) -> Worker | None: ...
 
     def on_ring(self, name: str) -> bool: ...
 

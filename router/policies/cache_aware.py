@@ -1,21 +1,32 @@
-"""cache_aware: a key's home worker by consistent hashing; a hot key spills over the next ring workers; a
-conversation stays on the worker that served its last turn; bounded load passes over a hot worker.
+"""cache_aware: place each request where its first token comes soonest for the fleet, counting what each
+worker is expected to hold of its prompt and the work already queued there.
 
-- Fan-out: k = 1 at or below R requests/minute on the key; above, k = max(ceil(rate / R), ceil(N x share))
-  workers in ring order from the home. All k come to hold the key's shared prefix.
-- Sessions: a session seen before goes back to the worker that served its last turn (that worker holds the
-  longest cached prefix of the conversation), unless that worker is over the bound. A new session, or one
-  moved off a hot worker, goes to the k worker with the fewest requests in flight, ties going to the one sent
-  the fewest requests lately (counts decaying over the rate window), then to scan order from the session's
-  jump-hash bucket. Long conversations pin their turns to one worker; placing new sessions this way evens
-  out the request counts they leave behind. The table is an LRU of `max_sessions` entries, local to this
-  router.
-- Bound (Mirrokni et al.): a worker whose in-flight count would exceed ceil(c x mean) + s, the mean over the
-  ring's workers counting this request, is passed over for the next ring worker under the bound, never
-  fleet-wide.
+- Expected hit: the prefix index (router.index) gives, per worker, the leading blocks of the prompt it is
+  expected to hold; hit_w is the tokens of those blocks.
+- Load: load_w = prompt tokens its in-flight requests still have to prefill (until their first streamed byte)
+  + decode_weight x the context they hold while decoding (their KV, which slows each decode step).
+- Cost: cost_w = load_w + prefill_weight x (prompt tokens - hit_w). prefill_weight (32) > 1 because a miss
+  costs more than this request's wait: the GPU time it takes delays whatever queues behind it, and a prefix
+  recomputed on a second worker evicts something there. Ties: fewest in flight, then fewest sent lately
+  (except for a prompt seen nowhere), then ring order.
+- Group: the prompt's longest prefix seen before (a shared system prompt or document, or a conversation's
+  previous turn); a prompt seen nowhere is its own group, named by its routing key. The group's rate over 60 s
+  gives its fan-out: k = 1 at or below R requests/minute, else k = max(ceil(rate / R), ceil(N x share))
+  workers in ring order from the group's home; those k count as holding what the group shares, so a hot group's
+  new requests spread over them by load, while a quiet one stays where it is cached.
+- Candidates: the group's k ring workers, the workers holding a prefix of the prompt, the worker of the client's
+  explicit session (prompt_cache_key, user, x-session-id), and the least-loaded worker of the fleet. A prompt
+  cached nowhere costs the same prefill everywhere: it goes to the least-loaded worker (its ring home when loads
+  tie), and the index makes that worker its home. A conversation's next turn finds its last turn's worker as the
+  deepest match; conversations sharing a hot document part where their own turns begin.
+- Bound: a worker whose in-flight count would exceed ceil(c x mean) + s, the mean over the ring's workers, is no
+  candidate; if none is left, the next ring worker under the bound takes the request.
+- State: the index (an LRU of blocks per worker, sized by the worker's reported cache), the rate table and the
+  session table are bounded and may start empty: requests then go by ring order and load, and the index refills
+  from the decisions.
 
-Cost per decision: one bisect on the ring (its orders are memoized per position), O(k) for the fan-out scan,
-O(workers passed over) for the bound; the failover list is built lazily, O(failover limit).
+Cost per decision: one bisect on the ring, O(k) for the fan-out, O(matched blocks x holders) for the index,
+O(workers) for the least-loaded scan.
 """
 
 from __future__ import annotations
@@ -23,60 +34,89 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
+from router.index import PrefixIndex
 from router.policies.base import Decision, PoolView
 from router.prefix import RouteKeys
 from router.rate import DecayedCounts, RateTable
-from router.ring import jump_hash
 
 
 class CacheAware:
     name = "cache_aware"
 
-    def __init__(self, spill_rpm: float = 15.0, load_factor: float = 1.25, load_slack: float = 4.0,
-                 window_s: float = 60.0, max_keys: int = 100_000, rates: RateTable | None = None,
-                 max_sessions: int = 100_000):
+    def __init__(self, spill_rpm: float = 15.0, window_s: float = 60.0, max_keys: int = 100_000,
+                 rates: RateTable | None = None, max_sessions: int = 100_000, index: PrefixIndex | None = None,
+                 prefill_weight: float = 32.0, decode_weight: float = 0.01, load_factor: float = 1.25,
+                 load_slack: float = 4.0):
         self.R = spill_rpm
+        self.rates = rates if rates is not None else RateTable(window_s=window_s, max_keys=max_keys)
+        self.index = index if index is not None else PrefixIndex()
+        self.max_sessions = max_sessions
+        self.sessions: OrderedDict[bytes, str] = OrderedDict()  # explicit session -> worker of its last turn
+        self.recent = DecayedCounts(window_s)  # requests sent to each worker lately
+        self.prefill_weight = prefill_weight
+        self.decode_weight = decode_weight
         self.c = load_factor
         self.s = load_slack
-        self.rates = rates if rates is not None else RateTable(window_s=window_s, max_keys=max_keys)
-        self.max_sessions = max_sessions
-        self.recent = DecayedCounts(window_s)
-        self.sessions: OrderedDict[bytes, str] = OrderedDict()  # session key -> worker of its last turn
 
     def fanout(self, rate: float, share: float, n: int) -> int:
         if rate <= self.R or n <= 1:
             return 1
         return min(n, max(math.ceil(rate / self.R), math.ceil(n * share)))
 
-    def choose(self, keys: RouteKeys, pool: PoolView) -> Decision:
-        order = pool.ring.order(keys.key)
-        n = len(order)
-        rate, share = self.rates.hit(keys.key)
-        k = self.fanout(rate, share, n)
-        bound = math.ceil(self.c * (pool.active_inflight + 1) / n) + self.s
-        last = self.sessions.get(keys.session)
-        now = self.rates.clock()
-        if last is not None and pool.on_ring(last) and pool.inflight(last) + 1 <= bound:
-            self._remember(keys.session, last, now)
-            return Decision(last, "session", order, 0, k)  # failover: the key's home, then on round the ring
-        start = jump_hash(int.from_bytes(keys.session[:8], "little"), k) if k > 1 else 0
-        pick, best = start, (pool.inflight(order[start]), self.recent.get(order[start], now))
-        for step in range(1, k):
-            i = (start + step) % k
-            score = (pool.inflight(order[i]), self.recent.get(order[i], now))
-            if score < best:
-                pick, best = i, score
-        if best[0] + 1 > bound:
-            for i in range(k, n):
-                if pool.inflight(order[i]) + 1 <= bound:
-                    pick = i
-                    break
-        reason = "bounded" if last is not None or pick >= k else ("spill" if k > 1 else "affinity")
-        self._remember(keys.session, order[pick], now)
-        return Decision(order[pick], reason, order, pick + 1, k)
+    def load(self, pool: PoolView, name: str) -> float:
+        w = pool.worker(name)
+        return w.prefill + self.decode_weight * w.context if w is not None else math.inf
 
-    def _remember(self, session: bytes, worker: str, now: float) -> None:
-        self.recent.add(worker, now)
+    def choose(self, keys: RouteKeys, pool: PoolView) -> Decision:
+        depth = self.index.match(keys.blocks)
+        seen = max(depth.values(), default=0)
+        # The request's group: its longest prefix seen before (a shared system prompt or document, or the
+        # conversation's previous turn); a prompt seen nowhere is its own group, named by its routing key.
+        group = keys.blocks[seen - 1].to_bytes(8, "little") if seen else keys.key
+        order = pool.ring.order(group)
+        n = len(order)
+        rate, share = self.rates.hit(group)
+        k = self.fanout(rate, share, n)
+        last = self.sessions.get(keys.session) if keys.session is not None else None
+        least = min(pool.active, key=lambda name: self.load(pool, name))
+        candidates = dict.fromkeys([*(order[i] for i in range(k)), *depth, *((last,) if last is not None else ()),
+                                    least])
+        # A spilled group's fan-out workers all come to hold what its requests share: count it as held there,
+        # so its new requests spread over them by load.
+        fan = set(order[:k]) if k > 1 else ()
+        total = keys.prompt_tokens
+        bound = math.ceil(self.c * (pool.active_inflight + 1) / n) + self.s
+        now = self.rates.clock()
+        pick, best, pick_hit = "", (math.inf,), 0
+        for name in candidates:
+            inflight = pool.inflight(name)
+            if not pool.on_ring(name) or inflight + 1 > bound:
+                continue
+            hit = min(keys.tokens_through(seen if name in fan else depth.get(name, 0)), max(0, total - 1))
+            # ties: fewest in flight; then fewest requests sent lately, but for a prompt seen nowhere, which
+            # an idle fleet places at its ring home in every router process
+            score = (self.load(pool, name) + self.prefill_weight * (total - hit), inflight,
+                     self.recent.get(name, now) if seen else 0.0)
+            if score < best:
+                pick, best, pick_hit = name, score, hit
+        if not pick:  # every candidate is over the bound: the next ring worker under it
+            pick = next((name for name in order if pool.inflight(name) + 1 <= bound), least)
+            pick_hit = min(keys.tokens_through(depth.get(pick, 0)), max(0, total - 1))
+        if pick == last:
+            reason = "session"
+        elif pick == order[0]:
+            reason = "affinity"
+        elif pick in fan:
+            reason = "spill"
+        else:
+            reason = "cache" if pick_hit else "load"
+        self.index.insert(pick, keys.blocks, keys.block_tokens)
+        self.recent.add(pick, now)
+        if keys.session is not None:
+            self._remember(keys.session, pick)
+        return Decision(pick, reason, order, 0, k, prefill=total - pick_hit, context=total)
+
+    def _remember(self, session: bytes, worker: str) -> None:
         self.sessions[session] = worker
         self.sessions.move_to_end(session)
         if len(self.sessions) > self.max_sessions:

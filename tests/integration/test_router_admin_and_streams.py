@@ -92,7 +92,9 @@ ADMIN = {"Authorization": "Bearer adm"}
 
 
 def chat(question: str) -> dict:
-    return {"messages": [{"role": "system", "content": "You sort letters into boxes. " + "Box rules. " * 20},
+    # the question opens the prompt: prompts share nothing, so each is placed by its own key (a shared system
+    # prompt would make them one group, placed together)
+    return {"messages": [{"role": "system", "content": f"{question} You sort letters into boxes. " + "Rules. " * 20},
                          {"role": "user", "content": question}], "max_tokens": 2, "temperature": 0}
 
 

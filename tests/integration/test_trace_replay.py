@@ -20,7 +20,7 @@ def replay(policy: str, out: Path, requests: int = 300) -> dict:
     # Trace blocks cut from 512 to 16 tokens; the sim charges each token as 32 (time and KV bytes).
     urls, sim = start_sim_workers(8, "--sim-speedup", "10", "--sim-token-scale", "32", "--no-cache-generated")
     try:
-        router, rproc = start_router(urls, "--policy", policy, "--prefix-tokens", "8", "--session-tokens", "32")
+        router, rproc = start_router(urls, "--policy", policy, "--prefix-tokens", "8")
         try:
             r = subprocess.run([sys.executable, "-m", "loadgen", "replay", str(TRACE), "--url", router,
                                 "--block-tokens", "16", "--max-requests", str(requests), "--speedup", "8",

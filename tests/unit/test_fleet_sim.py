@@ -41,4 +41,4 @@ def test_cache_aware_reaches_the_pooled_cache_and_round_robin_does_not():
     assert ca.hit_ratio >= 0.9 * pooled and ca.max_mean <= 1.25
     assert rr.hit_ratio <= 0.5 * pooled and rr.max_mean <= 1.01
     assert ca.ttft_p50_s < rr.ttft_p50_s  # hits shorten prefill, and so the queues behind it
-    assert ca.reasons.get("session", 0) > 0 and set(rr.reasons) == {"round_robin"}
+    assert ca.reasons.get("cache", 0) > 0 and set(rr.reasons) == {"round_robin"}  # turns follow their cache

@@ -190,3 +190,50 @@ def test_malformed_trace_exits_2_with_the_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "loadgen", "replay", str(p), "--url", "http://127.0.0.1:9",
                         "--model", "m"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "t.jsonl:2:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_longdoc_and_hotdoc_shapes_have_the_sharing_they_promise(tmp_path):
+    from loadgen.shapes import ShapeParams
+    from loadgen.shapes import generate as shape
+    from loadgen.traces import TRACE_BLOCK_TOKENS as B
+
+    p = ShapeParams(requests=600, rate=4.0)
+    long = shape("longdoc", p, seed=3)
+    assert long == shape("longdoc", p, seed=3) and long != shape("longdoc", p, seed=4)  # deterministic per seed
+    docs = [r["hash_ids"][: (r["input_length"] - 1) // B] for r in long]
+    assert all(p.doc_tokens[0] - B <= r["input_length"] <= p.doc_tokens[1] + p.question_tokens[1] + B for r in long)
+    seen, repeats = set(), 0
+    for d in docs:
+        repeats += tuple(d) in seen
+        seen.add(tuple(d))
+    assert 0.06 <= repeats / len(long) <= 0.14  # ~10% repeat an earlier document, all its blocks
+    sizes = sorted(r["input_length"] for r in long)
+    assert sizes[len(sizes) // 2] < 0.5 * sizes[-1]  # heavy-tailed: the median far below the largest
+
+    hot = shape("hotdoc", p, seed=3)
+    first = hot[0]["hash_ids"][: p.hot_doc_tokens // B]
+    on_hot = sum(r["hash_ids"][: len(first)] == first for r in hot)
+    assert 0.4 <= on_hot / len(hot) <= 0.75  # half the traffic, plus conversations continuing on it
+    # a continued conversation repeats every full block of its previous prompt: once question and answers fill
+    # a block, turns share more than their document
+    prompts = {tuple(r["hash_ids"][: r["input_length"] // B]) for r in hot}
+    continued = sum(any(tuple(r["hash_ids"][:k]) in prompts for k in range(len(first) + 1, len(r["hash_ids"])))
+                    for r in hot)
+    assert continued >= 0.05 * len(hot)
+    ts = [r["timestamp"] for r in hot]
+    assert ts == sorted(ts) and abs(ts[-1] / 1000 - len(hot) / p.rate) < 0.25 * len(hot) / p.rate
+
+
+def test_synth_shape_writes_a_mooncake_trace(tmp_path):
+    import argparse
+
+    from loadgen.__main__ import shape_trace
+    from loadgen.traces import read_mooncake
+
+    out = tmp_path / "t.jsonl"
+    args = argparse.Namespace(kind="hotdoc", requests=50, rate=2.0, seed=1, trace_out=out, doc_tokens=None,
+                              repeat_share=None, repeat_window=None, hot_share=0.9, hot_doc_tokens=4096,
+                              tail_docs=5, continue_share=0.0, max_turns=None)
+    lines = shape_trace(args)
+    parsed = read_mooncake(out)
+    assert len(parsed) == 50 and [x.hash_ids for x in parsed] == [x["hash_ids"] for x in lines]

@@ -1,5 +1,5 @@
-"""Routing and session keys from the real SmolLM2 tokenizer: tenant-scoped, prompt_cache_key-scoped, only the
-first P tokens, and one session key for every turn of a conversation."""
+"""Routing keys and block chains from the real SmolLM2 tokenizer: tenant-scoped, prompt_cache_key-scoped, only
+the first P tokens tokenized, a conversation's turns extending one chain, explicit sessions."""
 
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ def chat(*msgs, **kw) -> ChatCompletionRequest:
 def test_tenants_with_identical_prompts_get_different_keys(keyer):
     r = chat(LONG_SYSTEM, "hello")
     a, b = keyer.keys(A, r, None), keyer.keys(B, r, None)
-    assert a.key != b.key and a.session != b.session
-    assert keyer.keys(A, r, None).key == a.key  # and each is stable
+    assert a.key != b.key and not set(a.blocks) & set(b.blocks)
+    assert keyer.keys(A, r, None).key == a.key and keyer.keys(A, r, None).blocks == a.blocks  # and each is stable
     assert A.cache_salt(None) != B.cache_salt(None)
     assert A.cache_salt("x") != A.cache_salt("y") != B.cache_salt("x")
 
@@ -61,16 +61,34 @@ def test_window_tokens_equal_full_tokenization_prefix(keyer):
     assert keyer.first_tokens(text) == full[:64]
 
 
-def test_turns_of_one_conversation_share_a_session_key(keyer):
-    t1 = chat(LONG_SYSTEM, "What is clause 3?")
-    t2 = chat(LONG_SYSTEM, "What is clause 3?", "It applies to type 3.", "And clause 4?")
-    other = chat(LONG_SYSTEM, "What is clause 9?")
-    s1, s2, s3 = (keyer.keys(A, r, None).session for r in (t1, t2, other))
-    assert s1 == s2 != s3
-    # explicit identities win: user field, then the x-session-id header
+def shared_blocks(a, b) -> int:
+    n = 0
+    while n < min(len(a.blocks), len(b.blocks)) and a.blocks[n] == b.blocks[n]:
+        n += 1
+    return n
+
+
+def test_a_conversations_turns_extend_one_block_chain(keyer):
+    q3, q9 = "Tell me about clause 3. " * 40, "Tell me about clause 9. " * 40
+    t1 = keyer.keys(A, chat(LONG_SYSTEM, q3), None)
+    t2 = keyer.keys(A, chat(LONG_SYSTEM, q3, "It applies to type 3.", "And clause 4?"), None)
+    other = keyer.keys(A, chat(LONG_SYSTEM, q9), None)
+    assert t1.session is None  # no explicit identity: the chain is what follows a conversation
+    # turn 2 repeats every block of turn 1 but its last (partial) one; another conversation only the system's
+    assert shared_blocks(t1, t2) == len(t1.blocks) - 1
+    assert 0 < shared_blocks(t1, other) < shared_blocks(t1, t2)
+    assert t2.prompt_tokens > t1.prompt_tokens > 0 and list(t2.block_tokens) == sorted(t2.block_tokens)
+    # estimated tokens: within 25% of the real count
+    real = len(keyer.tokenizer(keyer.tokenizer.apply_chat_template(
+        [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": q3}],
+        tokenize=False, add_generation_prompt=True), add_special_tokens=False).input_ids)
+    assert abs(t1.prompt_tokens - real) <= 0.25 * real
+    # explicit identities: user field, then the x-session-id header
     assert keyer.keys(A, chat(LONG_SYSTEM, "x", user="u1"), None).session == \
-        keyer.keys(A, chat(LONG_SYSTEM, "y", user="u1"), None).session
-    assert keyer.keys(A, t1, "sess-9").session == keyer.keys(A, other, "sess-9").session
+        keyer.keys(A, chat(LONG_SYSTEM, "y", user="u1"), None).session is not None
+    s9 = keyer.keys(A, chat(LONG_SYSTEM, "x"), "sess-9").session
+    assert s9 == keyer.keys(A, chat("other", "y"), "sess-9").session
+    assert s9 != keyer.keys(B, chat(LONG_SYSTEM, "x"), "sess-9").session
 
 
 def test_api_keys_map_to_tenants():
@@ -85,14 +103,11 @@ def test_api_keys_map_to_tenants():
     assert Tenants([], "open").authenticate(None).id == "open"
 
 
-def test_a_first_user_message_found_inside_the_system_prompt_still_names_its_own_conversation(keyer):
-    # The old cut at text.find(first user message) found "is" and "his" inside "This", so both conversations
-    # got the opening "...This" and one session key.
+def test_conversations_part_where_their_first_user_messages_differ(keyer):
+    # "is" and "his" both occur inside "This": the chains must still part at the user message, not before it
     system = "This is the help desk of a library. " + LONG_SYSTEM
-    a, b = (keyer.keys(A, chat(system, q), None).session for q in ("is", "his"))
-    assert a != b
-    later = keyer.keys(A, chat(system, "is", "Yes.", "And then?"), None).session
-    assert later == a  # every turn of the conversation "is" keeps its key
+    a, b = (keyer.keys(A, chat(system, q), None) for q in ("is", "his"))
+    assert a.blocks != b.blocks and shared_blocks(a, b) == len(a.blocks) - 1
 
 
 class RecordingTokenizer:

@@ -50,3 +50,29 @@ def test_delta_serializes_only_present_fields():
     chunk = ChatCompletionChunk(id="c", created=0, model="m", choices=[ChatChunkChoice(delta=ChatDelta(content="x"))])
     assert chunk.model_dump()["choices"][0]["delta"] == {"content": "x"}
     assert ChatDelta().model_dump() == {}
+
+
+def test_the_direct_chat_render_equals_the_tokenizers_and_falls_back_when_it_would_not():
+    from protocol.modelfiles import default_model_path, load_tokenizer
+    from protocol.prompt import _direct, render_chat
+
+    tok = load_tokenizer(default_model_path())
+    assert _direct(tok) is not None
+    convs = [[{"role": "user", "content": "x" * n}] for n in (0, 1, 5000)] + [
+        [{"role": "system", "content": "Ünïcode ✓ {{ not jinja }}"}, {"role": "user", "content": "a\nb"},
+         {"role": "assistant", "content": "c"}, {"role": "user", "content": "d"}]]
+    for msgs in convs:
+        for gen in (True, False):
+            assert render_chat(tok, msgs, gen) == tok.apply_chat_template(msgs, add_generation_prompt=gen,
+                                                                          tokenize=False)
+
+    class Tweaked:  # a tokenizer whose own rendering adds what its template text does not say
+        chat_template = tok.chat_template
+        special_tokens_map = tok.special_tokens_map
+
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            return "[pre]" + tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                     tokenize=False)
+
+    tweaked = Tweaked()
+    assert _direct(tweaked) is None and render_chat(tweaked, convs[0]).startswith("[pre]")

@@ -1,5 +1,5 @@
-"""Routing properties (hypothesis): stability, minimal remapping, spill growth and shrink, session
-stickiness, bounded load, fleet-wide spread of a dominant key."""
+"""Routing properties (hypothesis): stability, minimal remapping, spill growth and shrink, conversations
+following their cache, work-aware placement, bounded load, fleet-wide spread of a dominant group."""
 
 from __future__ import annotations
 
@@ -31,6 +31,14 @@ def keys(i: int, session: int = 0) -> RouteKeys:
     return RouteKeys(k, s, 256, 0.0)
 
 
+def req(blocks: list[int], key: int = 0, session: int | None = None, block_tokens: int = 512) -> RouteKeys:
+    """A request whose prompt is these blocks (equal leading blocks: equal prefixes)."""
+    k = hashlib.blake2b(f"key{key}".encode(), digest_size=16).digest()
+    s = None if session is None else hashlib.blake2b(f"session{session}".encode(), digest_size=16).digest()
+    tokens = [block_tokens * (i + 1) for i in range(len(blocks))]
+    return RouteKeys(k, s, 256, 0.0, blocks, tokens, tokens[-1] if tokens else 0)
+
+
 class Clock:
     def __init__(self) -> None:
         self.t = 1000.0
@@ -41,16 +49,17 @@ class Clock:
 
 @settings(max_examples=25, deadline=None)
 @given(st.integers(2, 40), st.integers(0, 10**6))
-def test_a_key_always_maps_to_the_same_worker(n, key):
+def test_a_prompt_first_seen_on_an_idle_fleet_goes_home_and_stays(n, key):
     pool = pool_of(n)
     ch, ca = ConsistentHash(), CacheAware()
     first = ch.choose(keys(key), pool).worker
+    blocks = [key, key + 1]
+    d = ca.choose(req(blocks, key=key), pool)  # cached nowhere, every worker idle: its ring home
+    assert (d.worker, d.reason) == (first, "affinity")
     for j in range(5):
         assert ch.choose(keys(key), pool).worker == first
-        d = ca.choose(keys(key, session=j), pool)  # new sessions at 6 requests/minute: below R, so home
-        assert d.worker == first and d.reason == "affinity"
-        again = ca.choose(keys(key, session=j), pool)
-        assert (again.worker, again.reason, again.fanout) == (first, "session", 1)
+        d = ca.choose(req(blocks + [10**7 + j], key=key, session=j), pool)  # its repeats follow the cache
+        assert d.worker == first and d.fanout == 1
 
 
 @settings(max_examples=10, deadline=None)
@@ -87,21 +96,6 @@ def test_spill_fanout_grows_with_rate_and_shrinks_back():
     assert d.fanout == 1 and d.worker == pool.ring.order(keys(1).key)[0]
 
 
-def test_every_turn_of_a_session_stays_on_one_spill_worker():
-    clock = Clock()
-    policy = CacheAware(spill_rpm=15, rates=RateTable(clock=clock))
-    pool = pool_of(8)
-    placements: dict[int, set[str]] = {}
-    for turn in range(6):
-        for session in range(40):  # 240 requests/minute on one key: it spills over all 8
-            clock.t += 0.25
-            d = policy.choose(keys(7, session=session), pool)
-            if turn >= 1:  # after the first minute the fan-out has settled
-                placements.setdefault(session, set()).add(d.worker)
-    assert all(len(ws) == 1 for ws in placements.values())
-    assert len({w for ws in placements.values() for w in ws}) >= 6  # and the sessions use the fleet
-
-
 @settings(max_examples=15, deadline=None)
 @given(st.integers(4, 32), st.integers(50, 400), st.floats(1.1, 2.0), st.floats(0, 8))
 def test_bounded_load_caps_in_flight(n, burst, c, s):
@@ -112,33 +106,6 @@ def test_bounded_load_caps_in_flight(n, burst, c, s):
         pool.acquire(d.worker)
         assert pool.inflight(d.worker) <= math.ceil(c * pool.active_inflight / n) + s
     assert max(pool.inflight(w) for w in pool.active) <= math.ceil(c * burst / n) + s
-
-
-def test_a_key_with_all_the_traffic_spreads_over_all_workers():
-    clock = Clock()
-    policy = CacheAware(rates=RateTable(clock=clock))
-    pool = pool_of(32)
-    used = set()
-    for i in range(2000):  # 2000 requests in 100 s on a single key, 500 sessions
-        clock.t += 0.05
-        d = policy.choose(keys(0, session=i % 500), pool)
-        used.add(d.worker)
-    assert d.fanout == 32 and len(used) == 32
-
-
-def test_a_session_moved_off_a_hot_worker_stays_on_its_new_worker():
-    clock = Clock()
-    policy = CacheAware(load_factor=1.0, load_slack=0, rates=RateTable(clock=clock))
-    pool = pool_of(8)
-    home = policy.choose(keys(3, session=1), pool).worker
-    for _ in range(4):  # the session's worker gets busy: the next turn is passed over to another worker
-        pool.acquire(home)
-    moved = policy.choose(keys(3, session=1), pool)
-    assert moved.worker != home and moved.reason == "bounded"
-    for _ in range(4):
-        pool.release(home)
-    again = policy.choose(keys(3, session=1), pool)  # home is idle again, but the new worker has the newest turn
-    assert again.worker == moved.worker and again.reason == "session"
 
 
 def test_new_sessions_of_a_spilled_key_go_to_the_least_loaded_workers():
@@ -159,24 +126,6 @@ def test_new_sessions_of_a_spilled_key_go_to_the_least_loaded_workers():
         pool.acquire(d.worker)
         picks.append(d.worker)
     assert len(set(picks)) == 4  # each time the emptiest, so the four idle workers get one each
-
-
-def test_new_sessions_even_out_the_requests_long_conversations_leave():
-    clock = Clock()
-    policy = CacheAware(rates=RateTable(clock=clock))
-    pool = pool_of(8)
-    counts: dict[str, int] = {}
-    session = 0
-    for i in range(1600):  # one conversation of 100 turns among 1500 one-turn sessions, nothing in flight
-        clock.t += 0.05
-        if i % 16 == 0:
-            d = policy.choose(keys(2, session=-1), pool)
-        else:
-            session += 1
-            d = policy.choose(keys(2, session=session), pool)
-        counts[d.worker] = counts.get(d.worker, 0) + 1
-    # by hash alone its worker would get 100 + 1500 / 8 = 287 requests (1.44 x the mean); it gets fewer new ones
-    assert max(counts.values()) / (1600 / 8) <= 1.05
 
 
 def test_the_session_table_is_bounded():
@@ -274,3 +223,100 @@ def test_active_inflight_is_the_sum_over_the_rings_workers(ops):
             pool.remove(name)
         assert pool.active_inflight == sum(pool.inflight(n) for n in pool.active)
         assert pool.total_inflight == sum(w.inflight for w in pool.workers.values())
+
+
+def test_every_turn_of_a_conversation_returns_to_its_worker_and_conversations_spread():
+    clock = Clock()
+    policy = CacheAware(rates=RateTable(clock=clock))
+    pool = pool_of(8)
+    placements: dict[int, set[str]] = {}
+    for turn in range(6):
+        for c in range(40):  # 240 requests/minute share a two-block system prompt: its group spills over all 8
+            clock.t += 0.25
+            d = policy.choose(req([1, 2] + [1000 * (c + 1) + j for j in range(turn + 1)]), pool)
+            placements.setdefault(c, set()).add(d.worker)
+    assert all(len(ws) == 1 for ws in placements.values())  # each conversation on the worker of its first turn
+    assert len({w for ws in placements.values() for w in ws}) == 8  # and the conversations use the fleet
+
+
+def test_a_group_with_all_the_traffic_spreads_over_all_workers():
+    clock = Clock()
+    policy = CacheAware(rates=RateTable(clock=clock))
+    pool = pool_of(32)
+    used = set()
+    for i in range(2000):  # 2000 requests in 100 s on one shared prefix, each with its own question
+        clock.t += 0.05
+        d = policy.choose(req([7, 8, 10_000 + i]), pool)
+        used.add(d.worker)
+    assert d.fanout == 32 and len(used) == 32
+
+
+def test_a_conversation_moved_off_a_hot_worker_stays_on_its_new_worker():
+    policy = CacheAware(load_factor=1.0, load_slack=0, rates=RateTable(clock=Clock()))
+    pool = pool_of(8)
+    home = policy.choose(req([3, 4]), pool).worker
+    for _ in range(4):  # the conversation's worker gets busy: the next turn is passed over to another worker
+        pool.acquire(home)
+    moved = policy.choose(req([3, 4, 5]), pool)
+    assert moved.worker != home
+    for _ in range(4):
+        pool.release(home)
+    again = policy.choose(req([3, 4, 5, 6]), pool)  # home is idle again, but the new worker holds more of it
+    assert again.worker == moved.worker and again.reason in ("cache", "affinity")
+
+
+def test_a_prompt_cached_nowhere_goes_to_the_worker_with_the_least_work_not_the_fewest_requests():
+    policy = CacheAware(rates=RateTable(clock=Clock()))
+    pool = pool_of(4)
+    a, b, c, d = pool.active
+    pool.acquire(a, prefill=40_000, context=40_000)  # one long prompt still prefilling
+    for _ in range(3):
+        pool.acquire(b, prefill=1_000, context=1_000)  # the most requests, the least work
+    for _ in range(2):
+        pool.acquire(c, prefill=5_000, context=5_000)
+    pool.acquire(d, prefill=20_000, context=20_000)
+    first = policy.choose(req([50, 51, 52]), pool)
+    assert first.worker == b and first.prefill == 3 * 512 and first.context == 3 * 512
+    pool.acquire(first.worker, first.prefill, first.context)
+    second = policy.choose(req([50, 51, 52, 53]), pool)  # its next turn: the index says b holds 3 of 4 blocks
+    assert second.worker == b and second.prefill == 512
+
+
+def test_affinity_yields_only_when_the_queue_ahead_costs_more_than_the_hit():
+    for queued, stays in ((100_000, True), (200_000, False)):
+        policy = CacheAware(prefill_weight=32, rates=RateTable(clock=Clock()))
+        pool = pool_of(4)
+        holder = policy.choose(req(list(range(100, 108))), pool).worker  # an 8-block (4,096-token) document
+        pool.acquire(holder, prefill=queued)
+        # the same document with a new question: it saves 4,096 tokens x 32 = 131,072 of weighted work there
+        d = policy.choose(req(list(range(100, 108)) + [999]), pool)
+        assert (d.worker == holder) is stays, queued
+
+
+def test_new_conversations_even_out_the_requests_long_conversations_leave():
+    clock = Clock()
+    policy = CacheAware(rates=RateTable(clock=clock))
+    pool = pool_of(8)
+    counts: dict[str, int] = {}
+    for i in range(1600):  # one conversation of 100 turns among 1500 one-turn ones, nothing in flight
+        clock.t += 0.05
+        blocks = [2, 3] + ([10**6 + j for j in range(i // 16 + 1)] if i % 16 == 0 else [10**7 + i])
+        d = policy.choose(req(blocks), pool)
+        counts[d.worker] = counts.get(d.worker, 0) + 1
+    # by affinity alone its worker would get 100 + 1500 / 8 = 287 requests (1.44 x the mean); it gets fewer new ones
+    assert max(counts.values()) / (1600 / 8) <= 1.05
+
+
+def test_a_workers_queued_work_follows_its_requests_first_byte_and_end():
+    pool = pool_of(2)
+    w = pool.active[0]
+    pool.acquire(w, prefill=1000, context=4000)
+    pool.acquire(w, prefill=300, context=300)
+    assert (pool.worker(w).prefill, pool.worker(w).context) == (1300, 4300)
+    pool.prefilled(w, 1000)  # the first request streams its first token
+    assert (pool.worker(w).prefill, pool.worker(w).context) == (300, 4300)
+    pool.release(w, 0, 4000)
+    pool.release(w, 300, 300)  # a non-streamed answer: its prefill counted until the end
+    assert (pool.worker(w).inflight, pool.worker(w).prefill, pool.worker(w).context) == (0, 0, 0)
+    pool.release(w, 300, 300)  # a stray release never goes below zero
+    assert (pool.worker(w).inflight, pool.worker(w).prefill, pool.worker(w).context) == (0, 0, 0)

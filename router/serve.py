@@ -1,0 +1,42 @@
+"""Serving one router process: load the tokenizer, build the app, run it (on a shared port when there are
+several processes). A module of its own so that `--processes` can start it in spawned processes."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from aiohttp import web
+
+from protocol.cli import raise_open_files_limit, settings_or_exit
+from protocol.modelfiles import ModelNotFound, load_tokenizer, resolve_model_path
+from router.app import Router
+from router.settings import parse_args
+
+
+def serve(argv: list[str] | None) -> int:
+    settings = settings_or_exit(parse_args, argv)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        tokenizer = load_tokenizer(resolve_model_path(settings.model))
+        router = Router(settings, tokenizer)
+    except (ModelNotFound, ValueError) as exc:
+        print(f"cannot start the router: {exc}", file=sys.stderr)
+        return 2
+    log = logging.getLogger("prefixroute.router")
+    log.info("policy %s, %d worker(s), %s mode", settings.policy, len(settings.workers),
+             "open" if settings.open_mode else f"{len(settings.tenants)} tenant(s)")
+    files = raise_open_files_limit()
+    if files < 2 * settings.max_connections + 64:
+        log.warning("open files limit %d is below 2 x max_connections (%d): raise `ulimit -n`", files,
+                    settings.max_connections)
+    # uvloop roughly halves the event loop's share of each proxied request; plain asyncio where it is missing.
+    try:
+        import uvloop
+    except ImportError:
+        loop_factory = None
+    else:
+        loop_factory = uvloop.new_event_loop
+    web.run_app(router.app(), host=settings.host, port=settings.port, print=None, access_log=None,
+                reuse_port=settings.processes > 1, loop=loop_factory() if loop_factory else None)
+    return 0
