@@ -5,7 +5,7 @@ conversation trace in seconds, so policies and their settings can be swept befor
 table; `--out FILE.md` writes the table with its command, and FILE.json beside it with every run.
 
 `--seeds S ...` (or `--seed S`, repeatable) runs every cell once per seed. A seed picks the content behind the
-trace's hash ids, so it moves every routing and session key to another place on the consistent-hash ring (as
+trace's hash ids, so it moves every routing key and block chain to another place on the consistent-hash ring (as
 another tenant secret or other prompt words would), and seeds the random policy's RNG; seed 0 is the unsalted
 key mapping of earlier results. With several seeds each table cell reads `median [min-max]` over the seeds.
 `--per-worker` adds each run's per-worker spread (request counts, mean prompt tokens, busy seconds).

@@ -144,7 +144,7 @@ class Outcome:
 def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed: float,
              profile: GpuProfile = GpuProfile(), max_output: int = 64, seed: int = 0) -> Outcome:
     """Replay `reqs` at `speed` x trace time through `settings.policy` to n simulated workers. `seed` salts the
-    routing and session keys (see route_keys) and seeds the random policy's RNG."""
+    routing keys and block chains (see route_keys) and seeds the random policy's RNG."""
     clock = [0.0]
     policy = RandomPolicy(seed) if settings.policy == "random" else make_policy(settings, clock=lambda: clock[0])
     pool = WorkerPool(vnodes=settings.vnodes)
