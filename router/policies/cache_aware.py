@@ -79,12 +79,16 @@ class CacheAware:
         k = self.fanout(rate, share, n)
         last = self.sessions.get(keys.session) if keys.session is not None else None
         least = min(pool.active, key=lambda name: self.load(pool, name))
-        candidates = dict.fromkeys([*(order[i] for i in range(k)), *depth, *((last,) if last is not None else ()),
-                                    least])
+        head = [order[i] for i in range(k)]  # the first k only: O(k), not a copy of the whole order
+        candidates = dict.fromkeys([*head, *depth, *((last,) if last is not None else ()), least])
         # A spilled group's fan-out workers all come to hold what its requests share: count it as held there,
         # so its new requests spread over them by load.
-        fan = set(order[:k]) if k > 1 else ()
+        fan = set(head) if k > 1 else ()
         total = keys.prompt_tokens
+
+        def expected_hit(blocks: int) -> int:  # never the prompt's last token, as engines count
+            return min(keys.tokens_through(blocks), max(0, total - 1))
+
         bound = math.ceil(self.c * (pool.active_inflight + 1) / n) + self.s
         now = self.rates.clock()
         pick, best, pick_hit = "", (math.inf,), 0
@@ -92,7 +96,7 @@ class CacheAware:
             inflight = pool.inflight(name)
             if not pool.on_ring(name) or inflight + 1 > bound:
                 continue
-            hit = min(keys.tokens_through(seen if name in fan else depth.get(name, 0)), max(0, total - 1))
+            hit = expected_hit(seen if name in fan else depth.get(name, 0))
             # ties: fewest in flight; then fewest requests sent lately, but for a prompt seen nowhere, which
             # an idle fleet places at its ring home in every router process
             score = (self.load(pool, name) + self.prefill_weight * (total - hit), inflight,
@@ -101,7 +105,7 @@ class CacheAware:
                 pick, best, pick_hit = name, score, hit
         if not pick:  # every candidate is over the bound: the next ring worker under it
             pick = next((name for name in order if pool.inflight(name) + 1 <= bound), least)
-            pick_hit = min(keys.tokens_through(depth.get(pick, 0)), max(0, total - 1))
+            pick_hit = expected_hit(depth.get(pick, 0))
         if pick == last:
             reason = "session"
         elif pick == order[0]:
