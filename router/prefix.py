@@ -3,7 +3,8 @@ session identity when the client gives one.
 
 Routing key = keyed blake2b(tenant key; prompt_cache_key, first P token ids of the rendered prompt). Only as
 many characters as P tokens need are tokenized, and a chat is rendered only through the messages those P tokens
-need, so later turns cost nothing; repeated prefixes hit a small LRU of tokenizations.
+need, so later turns cost nothing. Repeated prefixes skip the work: the key's token ids are memoized per leading
+messages (a hash of their roles and texts, length-prefixed) and per tokenized window, in small LRUs.
 
 Block chain: the prompt's content (a chat's roles and message texts, a completion's text) cut at fixed offsets
 and hashed as a chain seeded by the tenant and prompt_cache_key (router.index): what the prefix index matches
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from hashlib import blake2b
 from typing import Any
+
+import xxhash
 
 from protocol.errors import APIError
 from protocol.openai import ChatCompletionRequest, CompletionRequest
@@ -66,7 +69,10 @@ class PrefixKeyer:
         self.tokenizer = tokenizer
         self.P = prefix_tokens
         self.block_bytes = block_bytes
-        self._cache: OrderedDict[bytes, list[int]] = OrderedDict()
+        self._cache: OrderedDict[bytes, list[int]] = OrderedDict()  # window text hash -> its token ids
+        # leading messages -> (key ids, or None when they hold no more than P tokens; bytes per token)
+        self._chats: OrderedDict[bytes, tuple[list[int] | None, float]] = OrderedDict()
+        self._seeds: dict[tuple[bytes, bytes], int] = {}  # (tenant, prompt_cache_key) -> block chain seed
         self._cache_size = cache_size
 
     def first_tokens(self, text: str) -> list[int]:
@@ -119,7 +125,11 @@ class PrefixKeyer:
                 ids, bpt = prompt[: self.P], 4.0
                 data = array("I", prompt).tobytes()
         key = _h(tenant, b"route", pck, array("I", ids).tobytes())
-        seed = int.from_bytes(_h(tenant, b"blocks", pck)[:8], "little")
+        seed = self._seeds.get((tenant.key, pck))
+        if seed is None:
+            if len(self._seeds) >= self._cache_size:
+                self._seeds.clear()
+            seed = self._seeds[(tenant.key, pck)] = int.from_bytes(_h(tenant, b"blocks", pck)[:8], "little")
         blocks, ends = chain(data, self.block_bytes, seed)
         per = 1 / max(bpt, 1e-6)
         explicit = req.prompt_cache_key or req.user or session_hint
@@ -129,24 +139,53 @@ class PrefixKeyer:
 
     def _chat(self, messages: list[dict[str, str]]) -> tuple[list[int], float]:
         """The first P token ids of the rendered chat and their bytes per token, rendering no more messages than
-        those need."""
+        those need; memoized by the leading messages that gave them."""
         n = len(messages)
+        h = xxhash.xxh3_128()
+        digests: list[bytes] = []  # digests[k-1]: the first k messages
+
+        def through(k: int) -> bytes:
+            while len(digests) < k:
+                m = messages[len(digests)]
+                for part in (m["role"].encode(), m["content"].encode()):
+                    h.update(len(part).to_bytes(8, "little"))
+                    h.update(part)
+                digests.append(h.digest())
+            return digests[k - 1]
+
         if self._prefix_stable:
             k = 1
             while True:
-                try:
-                    text = render_chat(self.tokenizer, messages[:k], add_generation_prompt=False)
-                except APIError:  # a template that refuses a partial conversation: render the whole one
-                    break
-                ids, bpt = self._window(text, complete=False)
-                if ids is not None:
-                    return ids, bpt
+                d = through(k)
+                memo = self._chats.get(d)
+                if memo is None:
+                    try:
+                        text = render_chat(self.tokenizer, messages[:k], add_generation_prompt=False)
+                    except APIError:  # a template that refuses a partial conversation: render the whole one
+                        break
+                    ids, bpt = self._window(text, complete=False)
+                    memo = self._memo(d, ids, bpt)  # ids None: these messages hold no more than P tokens
+                else:
+                    self._chats.move_to_end(d)
+                if memo[0] is not None:
+                    return memo
                 if k >= n:
                     break
                 k = min(n, k + max(1, k // 2))  # geometric, so a long chat takes O(log) renders
+        whole = b"whole" + through(n)  # the rendering with the generation prompt, never a partial one
+        memo = self._chats.get(whole)
+        if memo is not None:
+            self._chats.move_to_end(whole)
+            return memo
         ids, bpt = self._window(render_chat(self.tokenizer, messages))
         assert ids is not None
-        return ids, bpt
+        return self._memo(whole, ids, bpt)
+
+    def _memo(self, digest: bytes, ids: list[int] | None, bpt: float) -> tuple[Any, float]:
+        out = self._chats[digest] = (ids, bpt)
+        if len(self._chats) > self._cache_size:
+            self._chats.popitem(last=False)
+        return out
 
     @cached_property
     def _prefix_stable(self) -> bool:

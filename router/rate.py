@@ -14,12 +14,13 @@ from collections.abc import Callable
 
 
 class WindowCounter:
-    __slots__ = ("counts", "epochs", "total")
+    __slots__ = ("counts", "epochs", "total", "last")
 
     def __init__(self, buckets: int):
         self.counts = [0] * buckets
         self.epochs = [-1] * buckets  # which time slice each bucket currently counts
         self.total = 0
+        self.last = -1  # the epoch of the last expiry: nothing more expires within it
 
     def add(self, epoch: int, n: int = 1) -> None:
         self.expire(epoch)
@@ -28,6 +29,9 @@ class WindowCounter:
         self.total += n
 
     def expire(self, epoch: int) -> None:
+        if epoch == self.last:
+            return
+        self.last = epoch
         b = len(self.counts)
         for i in range(b):
             if self.counts[i] and self.epochs[i] <= epoch - b:

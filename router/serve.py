@@ -3,6 +3,7 @@ several processes). A module of its own so that `--processes` can start it in sp
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 
@@ -37,6 +38,10 @@ def serve(argv: list[str] | None) -> int:
         loop_factory = None
     else:
         loop_factory = uvloop.new_event_loop
+    # The tokenizer's import brings hundreds of thousands of long-lived objects; without freezing them every
+    # full collection walks them all (about 15% of the router's CPU under load).
+    gc.collect()
+    gc.freeze()
     web.run_app(router.app(), host=settings.host, port=settings.port, print=None, access_log=None,
                 reuse_port=settings.processes > 1, loop=loop_factory() if loop_factory else None)
     return 0

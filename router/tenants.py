@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from functools import lru_cache
 
 from protocol.errors import APIError
 from router.settings import TenantConfig
@@ -20,8 +21,12 @@ class Tenant:
 
     def cache_salt(self, client_salt: str | None) -> str:
         """The upstream `cache_salt`: the client's own salt is scoped under its tenant, never used as is."""
-        msg = b"cache-salt\x00" + (client_salt or "").encode()
-        return hmac.new(self.key, msg, hashlib.sha256).hexdigest()[:32]
+        return _salt(self.key, client_salt or "")
+
+
+@lru_cache(maxsize=4096)
+def _salt(key: bytes, client_salt: str) -> str:
+    return hmac.new(key, b"cache-salt\x00" + client_salt.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def derive_key(secret: str) -> bytes:

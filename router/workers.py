@@ -58,6 +58,7 @@ class WorkerPool:
         self.fail_threshold = fail_threshold
         self.workers: dict[str, Worker] = {}
         self.active: list[str] = []
+        self._models: list[str] | None = None
         self.total_inflight = 0  # every worker's requests, drained and failed ones included
         self.active_inflight = 0  # requests on the workers of `active` (the ring): what a load bound averages
         self.on_remove: list[Callable[[str], None]] = []
@@ -108,6 +109,7 @@ class WorkerPool:
 
     def _rebuild(self) -> None:
         self.active = [n for n, w in self.workers.items() if w.usable]
+        self._models = None
         self.active_inflight = sum(self.workers[n].inflight for n in self.active)
         self.ring.set_members({n: self.workers[n].weight for n in self.active})
 
@@ -158,8 +160,9 @@ class WorkerPool:
         if w is None:
             return
         w.fails = 0
-        if models is not None:
+        if models is not None and models != w.models:
             w.models = models
+            self._models = None
         if not w.healthy:
             log.info("worker %s joins the ring", name)
             w.healthy = True
@@ -203,8 +206,11 @@ class WorkerPool:
                 log.exception("health round failed")
 
     def models(self) -> list[str]:
-        seen: dict[str, None] = {}
-        for n in self.active:
-            for m in self.workers[n].models:
-                seen.setdefault(m)
-        return list(seen)
+        """The models the ring's workers serve (recomputed only when membership or a worker's models change)."""
+        if self._models is None:
+            seen: dict[str, None] = {}
+            for n in self.active:
+                for m in self.workers[n].models:
+                    seen.setdefault(m)
+            self._models = list(seen)
+        return self._models

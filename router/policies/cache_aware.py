@@ -78,7 +78,12 @@ class CacheAware:
         rate, share = self.rates.hit(group)
         k = self.fanout(rate, share, n)
         last = self.sessions.get(keys.session) if keys.session is not None else None
-        least = min(pool.active, key=lambda name: self.load(pool, name))
+        least, least_load = "", math.inf
+        dw = self.decode_weight
+        for name in pool.active:
+            w = pool.worker(name)
+            if w.prefill + dw * w.context < least_load:
+                least, least_load = name, w.prefill + dw * w.context
         head = [order[i] for i in range(k)]  # the first k only: O(k), not a copy of the whole order
         candidates = dict.fromkeys([*head, *depth, *((last,) if last is not None else ()), least])
         # A spilled group's fan-out workers all come to hold what its requests share: count it as held there,
@@ -91,16 +96,19 @@ class CacheAware:
 
         bound = math.ceil(self.c * (pool.active_inflight + 1) / n) + self.s
         now = self.rates.clock()
-        pick, best, pick_hit = "", (math.inf,), 0
+        pw = self.prefill_weight
+        pick, best, pick_hit = "", (math.inf, 0, 0.0), 0
         for name in candidates:
-            inflight = pool.inflight(name)
-            if not pool.on_ring(name) or inflight + 1 > bound:
+            w = pool.worker(name)
+            if w is None or not w.usable or w.inflight + 1 > bound:
                 continue
             hit = expected_hit(seen if name in fan else depth.get(name, 0))
+            cost = w.prefill + dw * w.context + pw * (total - hit)
+            if cost > best[0] or (cost == best[0] and w.inflight > best[1]):
+                continue
             # ties: fewest in flight; then fewest requests sent lately, but for a prompt seen nowhere, which
             # an idle fleet places at its ring home in every router process
-            score = (self.load(pool, name) + self.prefill_weight * (total - hit), inflight,
-                     self.recent.get(name, now) if seen else 0.0)
+            score = (cost, w.inflight, self.recent.get(name, now) if seen else 0.0)
             if score < best:
                 pick, best, pick_hit = name, score, hit
         if not pick:  # every candidate is over the bound: the next ring worker under it

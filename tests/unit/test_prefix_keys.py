@@ -111,12 +111,13 @@ def test_conversations_part_where_their_first_user_messages_differ(keyer):
 
 
 class RecordingTokenizer:
-    """The real tokenizer, recording the messages of every chat-template render."""
+    """The real tokenizer, recording the messages of every chat-template render and counting tokenizations."""
 
     def __init__(self, tok):
-        self.tok, self.renders = tok, []
+        self.tok, self.renders, self.calls = tok, [], 0
 
     def __call__(self, *a, **kw):
+        self.calls += 1
         return self.tok(*a, **kw)
 
     def apply_chat_template(self, messages, **kw):
@@ -149,3 +150,23 @@ def test_a_chat_is_rendered_only_through_the_messages_the_key_needs(keyer, msgs)
     needed = 4 if len(want) < 64 else (1 if msgs[0] == LONG_SYSTEM else 3)
     if needed < len(msgs):  # the long last turn is never rendered
         assert max(rec.renders) < len(msgs)
+
+
+@pytest.mark.parametrize("msgs", [
+    (LONG_SYSTEM, "q1", "a1", "q2"),  # P tokens within the first message
+    ("Be brief.", "hi", "Hello! " * 40, "more"),  # P tokens reached only in the third message
+    ("Be brief.", "hi", "ok", "short"),  # the whole chat holds fewer than P tokens: rendered whole
+])
+def test_a_repeated_chat_prefix_is_neither_rendered_nor_tokenized_again(keyer, msgs):
+    rec = RecordingTokenizer(keyer.tokenizer)
+    k = PrefixKeyer(rec, prefix_tokens=64)
+    _ = k._prefix_stable
+    first = k.keys(A, chat(*msgs), None)
+    rec.renders.clear()
+    calls = rec.calls
+    # the same leading messages with another last turn (when the key does not reach it) cost nothing
+    again = k.keys(A, chat(*msgs), None)
+    assert again.key == first.key and rec.renders == [] and rec.calls == calls
+    # a changed message inside the key's messages is rendered again and keyed differently
+    changed = k.keys(A, chat("Now. " + msgs[0], *msgs[1:]), None)
+    assert changed.key != first.key and rec.renders
