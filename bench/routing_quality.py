@@ -57,7 +57,11 @@ from harness.fleet_sim import (  # noqa: E402
     saturation_speed,
 )
 from harness.procs import free_port, start_router, start_sim_workers, stop_process  # noqa: E402
+from router.settings import RouterSettings  # noqa: E402
 from worker.sim import GpuProfile  # noqa: E402
+
+DEFAULT_SPILL_RPM = RouterSettings.model_fields["spill_rpm"].default
+DEFAULT_RATE_WINDOW_S = RouterSettings.model_fields["rate_window_s"].default
 
 POLICIES = ["cache_aware", "consistent_hash", "round_robin", "least_loaded", "random", "sglang"]
 
@@ -121,8 +125,13 @@ def run_one(trace: Path, n: int, policy: str, speed: float, time_scale: float, a
         else:
             prefix = max(1, math.ceil(256 / scale))  # the first 256 real tokens, in scaled tokens
             block = max(16, math.ceil(256 / scale))  # index blocks of ~64 real tokens, in scaled bytes
+            # The workers run time_scale x faster than the trace's clock: the router's rates must be counted on
+            # the same clock, or every key looks time_scale x hotter than it is and spills (the offline
+            # simulation counts on simulated time).
             router, rproc = start_router(urls, "--policy", policy, "--prefix-tokens", str(prefix),
-                                         "--index-block-bytes", str(block), "--log-level", "warning", log=log)
+                                         "--index-block-bytes", str(block), "--log-level", "warning",
+                                         "--spill-rpm", str(DEFAULT_SPILL_RPM * time_scale),
+                                         "--rate-window-s", str(DEFAULT_RATE_WINDOW_S / time_scale), log=log)
         procs.append(rproc)
         out = workdir / f"{policy}-{n}-{speed:.2f}"
         t0 = time.time()
@@ -252,6 +261,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, action="append", default=[], help="a prompt seed to run (repeatable)")
     p.add_argument("--seeds", type=int, nargs="+", default=[], help="prompt seeds to run; default 0")
     p.add_argument("--out", type=Path)
+    p.add_argument("--workdir", type=Path,
+                   help="keep each run's logs and loadgen results (per-request JSONL) here instead of a temp dir")
     p.add_argument("--append", action="store_true",
                    help="merge these runs into --out's results of the same trace slice (a rerun replaces a row)")
     args = p.parse_args()
@@ -299,7 +310,9 @@ def main() -> int:
             print(json.dumps(report, indent=2))
         print(md)
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.workdir or Path(scratch)
+        tmp.mkdir(parents=True, exist_ok=True)
         for seed in seeds:
             trace = write_requests(args, seed, Path(tmp) / f"requests-{seed}.jsonl")
             for n in args.workers:

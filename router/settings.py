@@ -119,6 +119,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterSettings:
     p.add_argument("--model", help="tokenizer source: local HF model directory or .gguf (default: the worker's)")
     p.add_argument("--prefix-tokens", type=int)
     p.add_argument("--spill-rpm", type=float)
+    p.add_argument("--rate-window-s", type=float, help="window of the per-key rates behind spill (seconds)")
     p.add_argument("--load-factor", type=float)
     p.add_argument("--load-slack", type=float)
     p.add_argument("--prefill-weight", type=float)
