@@ -113,3 +113,32 @@ def start_router(workers: list[str], *args: str, env: dict[str, str] | None = No
     url = f"http://127.0.0.1:{port}"
     _started([url], proc, 120, wait_path)
     return url, proc
+
+
+def start_redis(port: int | None = None, data_dir: Path | None = None,
+                timeout: float = 20.0) -> tuple[str, subprocess.Popen]:
+    """A real redis-server (Debian's package) on a free 127.0.0.1 port: in memory only, or with an append-only
+    file in `data_dir`, so a restart on the same port (pass both back) keeps what was written."""
+    import shutil
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise RuntimeError("redis-server is not installed (apt-get install redis-server; deploy/install.sh test)")
+    port = port or free_port()
+    persist = ["--dir", str(data_dir), "--appendonly", "yes"] if data_dir else ["--appendonly", "no"]
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persist,
+                             "--protected-mode", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return f"redis://127.0.0.1:{port}/0", proc
+        except OSError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise TimeoutError("redis-server did not answer PING")

@@ -60,6 +60,7 @@ class _SamplingFields(_Strict):
     user: str | None = None
     prompt_cache_key: str | None = None
     cache_salt: str | None = None
+    metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -13,12 +14,15 @@ from pydantic import BaseModel, Field, ValidationError
 from protocol.errors import APIError
 from protocol.http import metrics_response, openai_app, parse_model, read_json
 from protocol.openai import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now
+from protocol.redis import redis_client
+from protocol.statskeys import H_EXPECTED, H_KEY, H_TENANT, H_VERSION, Keys, label
 from router.metrics import RouterMetrics
 from router.policies import Policy, make_policy
-from router.prefix import PrefixKeyer
+from router.prefix import PrefixKeyer, RouteKeys
 from router.proxy import Proxy
 from router.settings import RouterSettings
-from router.tenants import Tenants, check_admin
+from router.stats import RedisState, read_stats
+from router.tenants import Tenant, Tenants, check_admin
 from router.workers import WorkerPool, normalize_url
 
 log = logging.getLogger("prefixroute.router")
@@ -47,6 +51,9 @@ class Router:
         self.client: aiohttp.ClientSession | None = None
         self.proxy: Proxy | None = None
         self._health_task: asyncio.Task | None = None
+        self.redis = RedisState(None)
+        self._redis_task: asyncio.Task | None = None
+        self.stats_keys = Keys(settings.stats_namespace)
         self.created = now()
 
     def app(self) -> web.Application:
@@ -55,6 +62,8 @@ class Router:
         app.router.add_post("/admin/workers", self.admin_add)
         app.router.add_delete("/admin/workers", self.admin_remove)
         app.router.add_post("/admin/workers/drain", self.admin_drain)
+        app.router.add_post("/admin/route", self.admin_route)
+        app.router.add_get("/admin/stats", self.admin_stats)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
@@ -73,12 +82,18 @@ class Router:
         await self.pool.probe_all(self.client, s.health_timeout_s)
         self._health_task = asyncio.create_task(
             self.pool.health_loop(self.client, s.health_interval_s, s.health_timeout_s))
+        if s.redis_url:
+            self.redis = RedisState(redis_client(s.redis_url))
+            await self.redis.check()
+            self._redis_task = asyncio.create_task(self.redis.run())
 
     async def _stop(self, app: web.Application) -> None:
-        if self._health_task:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+        for task in (self._health_task, self._redis_task):
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.redis.close()
         if self.client:
             await self.client.close()
 
@@ -90,7 +105,8 @@ class Router:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._route(request, "/v1/completions", CompletionRequest)
 
-    async def _route(self, request: web.Request, path: str, model_cls) -> web.StreamResponse:
+    async def _parse(self, request: web.Request, model_cls) -> tuple[Tenant, Any, RouteKeys]:
+        """Authenticate, validate and key a request; answers 4xx/503 (counted) when it cannot be routed."""
         try:
             tenant = self.tenants.authenticate(request.headers.get("Authorization"))
             obj = await read_json(request)
@@ -101,13 +117,16 @@ class Router:
                 raise APIError(404, f"The model '{req.model}' does not exist.", param="model", code="model_not_found")
             if not self.pool.active:
                 raise APIError(503, "No healthy worker is available.", code="no_healthy_worker")
-            keys = self.keyer.keys(tenant, req, request.headers.get("x-session-id"))
+            return tenant, req, self.keyer.keys(tenant, req, request.headers.get("x-session-id"))
         except APIError as exc:
             self.metrics.rejected.labels(str(exc.status)).inc()
             raise
         except web.HTTPException as exc:  # 413 from the body size limit
             self.metrics.rejected.labels(str(exc.status)).inc()
             raise
+
+    async def _route(self, request: web.Request, path: str, model_cls) -> web.StreamResponse:
+        tenant, req, keys = await self._parse(request, model_cls)
         m = self.metrics
         m.tokenize.observe(keys.tokenize_s)
         m.prefix_tokens.observe(keys.prefix_tokens)
@@ -121,7 +140,12 @@ class Router:
         # is overridden by this one. The body is known to be one JSON object.
         raw = (await request.read()).rstrip()
         body = raw[:-1] + b',"cache_salt":"' + salt.encode() + b'"}'
-        return await self.proxy.forward(request, path, body, decision, {"x-prefixroute-key": keys.short})
+        tags = {H_KEY: keys.short, H_TENANT: tenant.id,
+                H_EXPECTED: str(decision.context - decision.prefill) if decision.context else "0"}
+        version = label(request.headers.get(H_VERSION) or (req.metadata or {}).get("prefix_version"))
+        if version is not None:
+            tags[H_VERSION] = version
+        return await self.proxy.forward(request, path, body, decision, {H_KEY: keys.short}, tags)
 
     async def models(self, request: web.Request) -> web.Response:
         self.tenants.authenticate(request.headers.get("Authorization"))
@@ -130,16 +154,22 @@ class Router:
 
     async def health(self, request: web.Request) -> web.Response:
         n = len(self.pool.active)
-        return web.json_response({"status": "ok" if n else "no healthy worker", "workers": n},
-                                 status=200 if n else 503)
+        return web.json_response({"status": "ok" if n else "no healthy worker", "workers": n,
+                                  "redis": self.redis.status}, status=200 if n else 503)
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return metrics_response(self.metrics.registry)
 
     # ---- admin --------------------------------------------------------------------------------------------
 
-    def _admin(self, request: web.Request) -> None:
-        check_admin(request.headers.get("Authorization"), self.admin_key)
+    def _admin(self, request: web.Request, tenant_request: bool = False) -> None:
+        """The admin key, in Authorization; for an endpoint that reads a tenant's request (its key in
+        Authorization, as it would be sent), in X-Admin-Key."""
+        if tenant_request:
+            given = request.headers.get("x-admin-key")
+            check_admin(f"Bearer {given}" if given else None, self.admin_key)
+        else:
+            check_admin(request.headers.get("Authorization"), self.admin_key)
 
     def _listing(self) -> dict:
         return {"workers": [{"url": w.url, "weight": w.weight, "healthy": w.healthy, "draining": w.draining,
@@ -152,6 +182,32 @@ class Router:
             return body
         except (ValidationError, ValueError) as exc:
             raise APIError(422, f"Invalid worker: {exc}", param="url", code="invalid_worker") from None
+
+    async def admin_route(self, request: web.Request) -> web.Response:
+        """The decision the router would make for this body and headers, neither forwarded nor counted."""
+        self._admin(request, tenant_request=True)
+        path = request.query.get("path", "/v1/chat/completions")
+        model_cls = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}.get(path)
+        if model_cls is None:
+            raise APIError(400, "'path' must be /v1/chat/completions or /v1/completions.", param="path")
+        _, _, keys = await self._parse(request, model_cls)
+        d = self.policy.choose(keys, self.pool, dry_run=True)
+        return web.json_response({"key": keys.short, "session": keys.session.hex()[:12] if keys.session else None,
+                                  "worker": d.worker, "reason": d.reason, "fanout": d.fanout,
+                                  "candidates": list(d.candidates) or [d.worker],
+                                  "expected_cached_tokens": d.context - d.prefill})
+
+    async def admin_stats(self, request: web.Request) -> web.Response:
+        """Hit stats from Redis, the same on every router replica."""
+        self._admin(request)
+        if self.redis.client is None:
+            return web.json_response({"redis": "off"})
+        try:
+            body = await asyncio.wait_for(read_stats(self.redis.client, self.stats_keys), 5.0)
+        except Exception as exc:
+            self.redis.status = "down"
+            raise APIError(503, f"Redis is unavailable ({type(exc).__name__}).", code="stats_unavailable") from None
+        return web.json_response({"redis": "ok", **body})
 
     async def admin_list(self, request: web.Request) -> web.Response:
         self._admin(request)

@@ -38,7 +38,10 @@ class Proxy:
         self.max_failover = max_failover
 
     async def forward(self, request: web.Request, path: str, body: bytes, decision: Decision,
-                      extra_headers: dict[str, str]) -> web.StreamResponse:
+                      extra_headers: dict[str, str], upstream_headers: dict[str, str] | None = None
+                      ) -> web.StreamResponse:
+        """`extra_headers` go back to the client; `upstream_headers` go to the worker with the body."""
+        up_headers = {**_JSON, **upstream_headers} if upstream_headers else _JSON
         candidates = [decision.worker] + decision.fallbacks(self.max_failover)
         route = decision.reason
         last_error = "no worker could be reached"
@@ -55,7 +58,7 @@ class Proxy:
             try:
                 t0 = time.perf_counter()
                 try:
-                    up = await self.client.post(w.url + path, data=body, headers=_JSON)
+                    up = await self.client.post(w.url + path, data=body, headers=up_headers)
                 except (aiohttp.ClientConnectorError, aiohttp.ServerTimeoutError, asyncio.TimeoutError,
                         aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
                     kind = "connect" if isinstance(exc, aiohttp.ClientConnectorError) else "transport"

@@ -74,6 +74,17 @@ class RateTable:
         self._all.add(e)
         return c.total * 60.0 / self.window_s, c.total / self._all.total
 
+    def peek(self, key: bytes) -> tuple[float, float]:
+        """What `hit` would return for one more request of `key`, counting nothing."""
+        e = self._epoch()
+        c = self._keys.get(key)
+        n = 1
+        if c is not None:
+            c.expire(e)
+            n += c.total
+        self._all.expire(e)
+        return n * 60.0 / self.window_s, n / (self._all.total + 1)
+
     def rate(self, key: bytes) -> float:
         c = self._keys.get(key)
         if c is None:

@@ -88,6 +88,9 @@ class RouterSettings(BaseSettings):
     max_failover: int = Field(2, ge=0, description="other workers tried when one fails before streaming")
     max_connections: int = Field(4096, ge=1, description="upstream connections open at once; more requests queue")
     max_body_bytes: int = Field(32 << 20, ge=1024)
+    # Redis: the hit stats workers publish (/admin/stats)
+    redis_url: str | None = Field(None, description="the Redis the workers publish hit stats to")
+    stats_namespace: str = Field("prefixroute", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
     log_level: str = "info"
 
     @classmethod
@@ -127,6 +130,8 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterSettings:
     p.add_argument("--index-tokens-per-worker", type=int)
     p.add_argument("--index-block-bytes", type=int)
     p.add_argument("--admin-key")
+    p.add_argument("--redis-url", help="the Redis the workers publish hit stats to (redis://host:port/db)")
+    p.add_argument("--stats-namespace")
     p.add_argument("--log-level")
     ns = vars(p.parse_args(argv))
     config = ns.pop("config")

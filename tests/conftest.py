@@ -8,6 +8,7 @@ import pytest
 
 from harness.procs import (  # noqa: F401  (re-exported for the tests)
     free_port,
+    start_redis,
     start_router,
     start_sim_workers,
     start_worker,
@@ -55,3 +56,13 @@ def route_of():
         return router.policy.choose(keys, router.pool).worker
 
     return route
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A fresh real redis-server for one test."""
+    url, proc = start_redis()
+    try:
+        yield url
+    finally:
+        stop_process(proc)

@@ -14,12 +14,15 @@ import torch
 from aiohttp import web
 
 from protocol.cli import settings_or_exit
+from protocol.redis import redis_client
+from protocol.statskeys import Keys
 from worker.engine.engine import Engine, EngineConfig
 from worker.engine.loader import ModelNotFound, load_model
 from worker.engine.runner import ModelRunner, Runner
 from worker.server import WorkerServer
 from worker.settings import WorkerSettings, default_cache_bytes, parse_args
 from worker.sim import PROFILES, SimRunner, load_sim
+from worker.stats import StatsPublisher
 
 log = logging.getLogger("prefixroute.worker")
 
@@ -84,24 +87,48 @@ def build_sim(settings: WorkerSettings) -> list[WorkerServer]:
     return servers
 
 
+def _publisher(srv: WorkerServer, client, port: int) -> StatsPublisher:
+    s = srv.settings
+    wid = s.worker_id or f"{s.host}:{port}"
+    url = s.advertise_url if s.advertise_url and s.replicas == 1 else f"http://{s.host}:{port}"
+    e = srv.engine
+    info = {"url": url, "model": srv.loaded.name, "block_size": e.config.block_size,
+            "capacity_tokens": e.cache.capacity_bytes // e.runner.kv_bytes_per_token}
+    return StatsPublisher(client, Keys(s.stats_namespace), wid, info, srv.gauges, s.stats_interval_s,
+                          s.heartbeat_ttl_s)
+
+
 async def serve(servers: list[WorkerServer]) -> None:
     """Serve every app until SIGINT or SIGTERM, then shut down gracefully."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    runners = []
+    runners, tasks = [], []
+    settings = servers[0].settings
+    client = redis_client(settings.redis_url) if settings.redis_url else None
     try:
         for srv in servers:
             r = web.AppRunner(srv.app(), access_log=None)
             await r.setup()
             await web.TCPSite(r, srv.settings.host, srv.settings.port).start()
             runners.append(r)
+            if client is not None:
+                srv.stats = _publisher(srv, client, r.addresses[0][1])
+                tasks.append(asyncio.create_task(srv.stats.run()))
         await stop.wait()
     finally:
+        for t in tasks:
+            t.cancel()
+        for srv in servers:
+            if srv.stats is not None:
+                await srv.stats.close()
         for r in runners:
             with contextlib.suppress(Exception):
                 await r.cleanup()
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.aclose()
 
 
 def main(argv: list[str] | None = None) -> int:

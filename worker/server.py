@@ -31,14 +31,25 @@ from protocol.openai import (
     now,
 )
 from protocol.prompt import prompt_text
+from protocol.statskeys import H_EXPECTED, H_KEY, H_TENANT, H_VERSION, label
 from worker.engine.engine import Engine
 from worker.engine.loader import LoadedModel
 from worker.engine.sampling import SamplingParams
 from worker.engine.sequence import SeqEvent, Sequence
 from worker.metrics import WorkerMetrics
 from worker.settings import WorkerSettings
+from worker.stats import StatsPublisher
 
 log = logging.getLogger("prefixroute.worker")
+
+
+@dataclass
+class _Tags:
+    stats: StatsPublisher
+    tenant: str | None
+    version: str | None
+    key: str | None
+    expected: int | None
 
 
 @dataclass
@@ -55,7 +66,14 @@ class WorkerServer:
         self.tokenizer = loaded.tokenizer
         self.vocab_size = len(self.tokenizer)
         self.metrics = WorkerMetrics(engine)
+        self.stats: StatsPublisher | None = None  # set when the worker reports to Redis
         self.created = now()
+
+    def gauges(self) -> dict[str, int]:
+        """The engine's live state, as the stats in Redis carry it."""
+        e, c = self.engine, self.engine.cache
+        return {"evictions": c.stats.evicted_blocks, "cache_bytes": c.used_bytes,
+                "cache_capacity_bytes": c.capacity_bytes, "running": e.num_running, "waiting": e.num_waiting}
 
     def app(self) -> web.Application:
         app = openai_app(self, self.settings.max_body_bytes)
@@ -121,7 +139,7 @@ class WorkerServer:
         seq = Sequence(prep.prompt_ids, prep.params, req.cache_salt,
                        sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         self.engine.submit(seq)
-        stream = _EventStream(seq, events, self.metrics, started)
+        stream = _EventStream(seq, events, self.metrics, started, self._tags(request, req))
         try:
             if req.stream:
                 resp = await self._stream(request, endpoint, req, stream)
@@ -132,6 +150,18 @@ class WorkerServer:
                 self.engine.abort(seq)
         self.metrics.requests.labels(endpoint, "499" if stream.client_gone else str(resp.status)).inc()
         return resp
+
+    def _tags(self, request: web.Request, req: ChatCompletionRequest | CompletionRequest) -> _Tags | None:
+        """What the stats in Redis count this request under: what the router sent, else the request's own."""
+        if self.stats is None:
+            return None
+        h = request.headers
+        try:
+            expected = int(h.get(H_EXPECTED, ""))
+        except ValueError:
+            expected = None
+        version = h.get(H_VERSION) or (req.metadata or {}).get("prefix_version")
+        return _Tags(self.stats, label(h.get(H_TENANT)), label(version), label(h.get(H_KEY)), expected)
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.loaded.name:
@@ -235,8 +265,10 @@ class WorkerServer:
 class _EventStream:
     """Iterates a sequence's events until the last one, recording metrics as they pass."""
 
-    def __init__(self, seq: Sequence, events: asyncio.Queue[SeqEvent], metrics: WorkerMetrics, started: float):
+    def __init__(self, seq: Sequence, events: asyncio.Queue[SeqEvent], metrics: WorkerMetrics, started: float,
+                 tags: _Tags | None = None):
         self.seq = seq
+        self.tags = tags
         self.events = events
         self.metrics = metrics
         self.started = started
@@ -260,4 +292,8 @@ class _EventStream:
                     m.cached_tokens.inc(ev.cached_tokens)
                     m.generation_tokens.inc(ev.completion_tokens)
                     m.e2e.observe(time.monotonic() - self.started)
+                    t = self.tags
+                    if t is not None:
+                        t.stats.record(ev.prompt_tokens, ev.cached_tokens, ev.completion_tokens, t.tenant,
+                                       t.version, t.key, t.expected)
             yield ev

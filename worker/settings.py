@@ -34,10 +34,19 @@ class WorkerSettings(BaseSettings):
     sim_speedup: float = Field(1.0, gt=0, description="sim: simulated time runs this many times faster")
     sim_token_scale: float = Field(1.0, gt=0, description="sim: each prompt token costs and weighs this many")
     replicas: int = Field(1, ge=1, le=128, description="sim: workers served by this process, on port, port+1, ...")
+    redis_url: str | None = Field(None, description="publish hit stats and a heartbeat to this Redis")
+    stats_namespace: str = Field("prefixroute", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    stats_interval_s: float = Field(1.0, gt=0, le=60)
+    heartbeat_ttl_s: float = Field(10.0, gt=0)
+    advertise_url: str | None = Field(None, description="the URL routers reach this worker at; default http://host:port")
 
     @property
     def name(self) -> str:
         return self.worker_id or f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return self.advertise_url or f"http://{self.host}:{self.port}"
 
 
 def default_cache_bytes(device_type: str, free_device_bytes: int | None, total_ram: int) -> int:
@@ -70,5 +79,9 @@ def parse_args(argv: Sequence[str] | None = None) -> WorkerSettings:
     p.add_argument("--sim-speedup", type=float)
     p.add_argument("--sim-token-scale", type=float, help="e.g. 32 when a trace's 512-token blocks were cut to 16")
     p.add_argument("--replicas", type=int, help="sim only: serve N workers on consecutive ports")
+    p.add_argument("--redis-url", help="publish hit stats and a heartbeat to this Redis (redis://host:port/db)")
+    p.add_argument("--stats-namespace")
+    p.add_argument("--stats-interval-s", type=float)
+    p.add_argument("--advertise-url", help="the URL routers reach this worker at (default http://host:port)")
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     return WorkerSettings(**args)

@@ -20,6 +20,7 @@ class Decision:
     fanout: int = 1  # workers the key is spread over (cache_aware)
     prefill: int = 0  # prompt tokens the worker is expected to compute (not cached there)
     context: int = 0  # prompt tokens (estimated)
+    candidates: Sequence[str] = ()  # the workers the policy weighed (cache_aware), for /admin/route
 
     def fallbacks(self, limit: int) -> list[str]:
         """The first `limit` failover candidates: O(limit), whatever the size of the fleet."""
@@ -52,5 +53,8 @@ class PoolView(Protocol):
 class Policy(Protocol):
     name: str
 
-    def choose(self, keys: RouteKeys, pool: PoolView) -> Decision: ...
+    def choose(self, keys: RouteKeys, pool: PoolView, dry_run: bool = False) -> Decision:
+        """The worker for this request. `dry_run`: the same decision, counted nowhere (rates, index, sessions
+        and rotation stay as they were), for /admin/route."""
+        ...
 

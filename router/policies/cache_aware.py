@@ -67,7 +67,7 @@ class CacheAware:
         w = pool.worker(name)
         return w.prefill + self.decode_weight * w.context if w is not None else math.inf
 
-    def choose(self, keys: RouteKeys, pool: PoolView) -> Decision:
+    def choose(self, keys: RouteKeys, pool: PoolView, dry_run: bool = False) -> Decision:
         depth = self.index.match(keys.blocks)
         seen = max(depth.values(), default=0)
         # The request's group: its longest prefix seen before (a shared system prompt or document, or the
@@ -75,7 +75,7 @@ class CacheAware:
         group = keys.blocks[seen - 1].to_bytes(8, "little") if seen else keys.key
         order = pool.ring.order(group)
         n = len(order)
-        rate, share = self.rates.hit(group)
+        rate, share = self.rates.peek(group) if dry_run else self.rates.hit(group)
         k = self.fanout(rate, share, n)
         last = self.sessions.get(keys.session) if keys.session is not None else None
         least, least_load = "", math.inf
@@ -122,11 +122,13 @@ class CacheAware:
             reason = "spill"
         else:
             reason = "cache" if pick_hit else "load"
-        self.index.insert(pick, keys.blocks, keys.block_tokens)
-        self.recent.add(pick, now)
-        if keys.session is not None:
-            self._remember(keys.session, pick)
-        return Decision(pick, reason, order, 0, k, prefill=total - pick_hit, context=total)
+        if not dry_run:
+            self.index.insert(pick, keys.blocks, keys.block_tokens)
+            self.recent.add(pick, now)
+            if keys.session is not None:
+                self._remember(keys.session, pick)
+        return Decision(pick, reason, order, 0, k, prefill=total - pick_hit, context=total,
+                        candidates=list(candidates))
 
     def _remember(self, session: bytes, worker: str) -> None:
         self.sessions[session] = worker

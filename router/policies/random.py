@@ -14,7 +14,11 @@ class RandomPolicy:
     def __init__(self, seed: int | None = None) -> None:
         self._rng = random.Random(seed)
 
-    def choose(self, keys: RouteKeys, pool: PoolView) -> Decision:
+    def choose(self, keys: RouteKeys, pool: PoolView, dry_run: bool = False) -> Decision:
         names = pool.active
-        i = self._rng.randrange(len(names))
+        rng = self._rng
+        if dry_run:
+            rng = random.Random()
+            rng.setstate(self._rng.getstate())
+        i = rng.randrange(len(names))
         return Decision(names[i], self.name, names, i + 1)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 from router.policies.base import Decision, PoolView
 from router.prefix import RouteKeys
 
@@ -12,9 +10,11 @@ class RoundRobin:
     name = "round_robin"
 
     def __init__(self) -> None:
-        self._next = itertools.count()
+        self._next = 0
 
-    def choose(self, keys: RouteKeys, pool: PoolView) -> Decision:
+    def choose(self, keys: RouteKeys, pool: PoolView, dry_run: bool = False) -> Decision:
         names = pool.active
-        i = next(self._next) % len(names)
+        i = self._next % len(names)
+        if not dry_run:
+            self._next += 1
         return Decision(names[i], self.name, names, i + 1)

@@ -167,3 +167,28 @@ def test_admin_drain_and_remove_over_http(sims, route_of):
         assert [served(body) for body, _ in moved] == [b, b, b]
     finally:
         stop_process(proc)
+
+
+def test_admin_route_tells_the_decision_without_making_it(sims):
+    url, proc = start_router(sims, "--admin-key", "adm", "--spill-rpm", "5")
+    try:
+        body = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "system", "content": "Route me. " * 40},
+                                                              {"role": "user", "content": "hi"}]}
+        ask = lambda: httpx.post(url + "/admin/route", json=body, headers={"x-admin-key": "adm"}, timeout=10)  # noqa
+        assert httpx.post(url + "/admin/route", json=body, timeout=10).status_code == 401  # admin key required
+        assert httpx.post(url + "/admin/route", json={"messages": 3}, headers={"x-admin-key": "adm"},
+                          timeout=10).status_code == 400
+        first = ask().json()
+        assert set(first) >= {"key", "session", "worker", "reason", "fanout", "candidates"}
+        assert first["worker"] in sims and first["worker"] in first["candidates"] and first["fanout"] == 1
+        for _ in range(20):  # far past 5 requests/minute, had they counted: no spill, the same answer
+            again = ask().json()
+            assert again["worker"] == first["worker"] and again["fanout"] == 1
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.headers["x-prefixroute-worker"] == first["worker"]
+        assert r.headers["x-prefixroute-key"] == first["key"]
+        with_session = httpx.post(url + "/admin/route", json={**body, "prompt_cache_key": "conv-1"},
+                                  headers={"x-admin-key": "adm"}, timeout=10).json()
+        assert with_session["session"] is not None and with_session["key"] != first["key"]
+    finally:
+        stop_process(proc)

@@ -1,0 +1,73 @@
+"""The Redis schema of hit stats: one definition of every key and field, for the workers that write them and the
+routers that read them. Every key starts with a namespace (default "prefixroute") so several clusters can share
+one Redis.
+
+    {ns}:workers                   set of worker ids that ever reported
+    {ns}:worker:{id}               hash: counters (requests, prompt_tokens, cached_tokens, generated_tokens) and
+                                   gauges (evictions, cache_bytes, cache_capacity_bytes, running, waiting, url,
+                                   model, updated)
+    {ns}:heartbeat:{id}            JSON {url, model, capacity_tokens, block_size}, expires after the TTL
+    {ns}:cluster                   hash: the counters summed over all workers
+    {ns}:tenants / {ns}:tenant:{t} set of tenant ids / hash: counters + routing accuracy (expected, expected_hit)
+    {ns}:versions / {ns}:version:{v}  the same per prefix version
+    {ns}:keys                      sorted set: routing key -> requests (trimmed to the hottest TOP_KEYS)
+    {ns}:key:{k}                   hash: tenant, counters and "w:{worker id}" requests (expires after a day idle)
+
+Tenant ids and prefix versions are names from configuration or bounded label sets, never secrets or prompt
+text; routing keys are short keyed hashes (the first 12 hex digits the router sends upstream).
+"""
+
+from __future__ import annotations
+
+import re
+
+COUNTERS = ("requests", "prompt_tokens", "cached_tokens", "generated_tokens")
+ACCURACY = ("expected", "expected_hit")  # requests the router expected to hit, and those that did
+GAUGES = ("evictions", "cache_bytes", "cache_capacity_bytes", "running", "waiting")
+TOP_KEYS = 1000
+KEY_TTL_S = 86_400
+
+# What the router sends upstream and the worker reads (all optional).
+H_KEY = "x-prefixroute-key"
+H_TENANT = "x-prefixroute-tenant"
+H_EXPECTED = "x-prefixroute-expected-tokens"
+H_VERSION = "x-prefix-version"
+
+_LABEL = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+
+
+def label(value: str | None) -> str | None:
+    """A tenant id, prefix version or key fit for a Redis key and a metric label, or None."""
+    return value if value is not None and _LABEL.match(value) else None
+
+
+class Keys:
+    def __init__(self, namespace: str = "prefixroute"):
+        self.ns = namespace
+        self.workers = f"{namespace}:workers"
+        self.cluster = f"{namespace}:cluster"
+        self.tenants = f"{namespace}:tenants"
+        self.versions = f"{namespace}:versions"
+        self.keys = f"{namespace}:keys"
+
+    def worker(self, wid: str) -> str:
+        return f"{self.ns}:worker:{wid}"
+
+    def heartbeat(self, wid: str) -> str:
+        return f"{self.ns}:heartbeat:{wid}"
+
+    def heartbeat_pattern(self) -> str:
+        return f"{self.ns}:heartbeat:*"
+
+    def tenant(self, tenant: str) -> str:
+        return f"{self.ns}:tenant:{tenant}"
+
+    def version(self, version: str) -> str:
+        return f"{self.ns}:version:{version}"
+
+    def key(self, key: str) -> str:
+        return f"{self.ns}:key:{key}"
+
+
+def ratio(hit: float, total: float) -> float | None:
+    return hit / total if total else None
