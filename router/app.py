@@ -21,6 +21,7 @@ from router.policies import Policy, make_policy
 from router.prefix import PrefixKeyer, RouteKeys
 from router.proxy import Proxy
 from router.settings import RouterSettings
+from router.shared import SharedState
 from router.stats import RedisState, read_stats
 from router.tenants import Tenant, Tenants, check_admin
 from router.workers import WorkerPool, normalize_url
@@ -53,6 +54,8 @@ class Router:
         self._health_task: asyncio.Task | None = None
         self.redis = RedisState(None)
         self._redis_task: asyncio.Task | None = None
+        self._share_task: asyncio.Task | None = None
+        self.shared: SharedState | None = None
         self.stats_keys = Keys(settings.stats_namespace)
         self.created = now()
 
@@ -86,9 +89,27 @@ class Router:
             self.redis = RedisState(redis_client(s.redis_url))
             await self.redis.check()
             self._redis_task = asyncio.create_task(self.redis.run())
+            if s.share_state or s.discover_workers:
+                await self._start_sharing()
+
+    async def _start_sharing(self) -> None:
+        """Load the shared state before serving (a router starts warm), then keep it in sync."""
+        s = self.settings
+        policy = self.policy if s.share_state else None
+        self.shared = SharedState(self.redis.client, self.stats_keys, policy, self.pool, s.share_interval_s,
+                                  s.share_log_entries, discover=s.discover_workers)
+        if self.redis.status == "ok":
+            try:
+                n = await asyncio.wait_for(self.shared.load(), 60)
+                log.info("loaded %d shared routing decisions", n)
+                if self.shared.discovered:
+                    await self.pool.probe_all(self.client, s.health_timeout_s)
+            except Exception as exc:  # serve on local state; the sync loop catches up when Redis answers
+                log.warning("could not load the shared routing state (%s)", type(exc).__name__)
+        self._share_task = asyncio.create_task(self.shared.run())
 
     async def _stop(self, app: web.Application) -> None:
-        for task in (self._health_task, self._redis_task):
+        for task in (self._health_task, self._redis_task, self._share_task):
             if task:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

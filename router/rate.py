@@ -74,6 +74,25 @@ class RateTable:
         self._all.add(e)
         return c.total * 60.0 / self.window_s, c.total / self._all.total
 
+    def hit_at(self, key: bytes, t: float) -> None:
+        """Count one request of `key` made at time `t` (another router replica's, arriving late); one older
+        than the window no longer counts."""
+        now = self._epoch()
+        e = int(t // self.slice_s)
+        if e <= now - self.buckets:
+            return
+        e = min(e, now)
+        c = self._keys.get(key)
+        if c is None:
+            self._trim(now, room_for_one=True)
+            c = self._keys[key] = WindowCounter(self.buckets)
+        else:
+            self._keys.move_to_end(key)
+        c.expire(now)
+        c.add(e)
+        self._all.expire(now)
+        self._all.add(e)
+
     def peek(self, key: bytes) -> tuple[float, float]:
         """What `hit` would return for one more request of `key`, counting nothing."""
         e = self._epoch()

@@ -91,6 +91,10 @@ class RouterSettings(BaseSettings):
     # Redis: the hit stats workers publish (/admin/stats)
     redis_url: str | None = Field(None, description="the Redis the workers publish hit stats to")
     stats_namespace: str = Field("prefixroute", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    share_state: bool = Field(True, description="with Redis: share routing state with the other router replicas")
+    discover_workers: bool = Field(True, description="with Redis: add workers from their heartbeats")
+    share_interval_s: float = Field(1.0, gt=0, le=60)
+    share_log_entries: int = Field(200_000, ge=1000, description="decisions kept in Redis for a new router to load")
     log_level: str = "info"
 
     @classmethod
@@ -132,6 +136,9 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterSettings:
     p.add_argument("--admin-key")
     p.add_argument("--redis-url", help="the Redis the workers publish hit stats to (redis://host:port/db)")
     p.add_argument("--stats-namespace")
+    p.add_argument("--no-share-state", dest="share_state", action="store_const", const=False,
+                   help="with Redis: keep routing state local (no sharing with other replicas)")
+    p.add_argument("--no-discover-workers", dest="discover_workers", action="store_const", const=False)
     p.add_argument("--log-level")
     ns = vars(p.parse_args(argv))
     config = ns.pop("config")

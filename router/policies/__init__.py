@@ -18,7 +18,8 @@ from router.settings import RouterSettings
 __all__ = ["Decision", "Policy", "PoolView", "make_policy"]
 
 
-def make_policy(settings: RouterSettings, clock: Callable[[], float] = time.monotonic) -> Policy:
+def make_policy(settings: RouterSettings, clock: Callable[[], float] = time.time) -> Policy:
+    # Wall-clock time: router replicas count the same requests in the same rate windows.
     if settings.policy == "cache_aware":
         rates = RateTable(settings.rate_window_s, max_keys=settings.max_tracked_keys, clock=clock)
         return CacheAware(settings.spill_rpm, settings.rate_window_s, settings.max_tracked_keys, rates,

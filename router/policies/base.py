@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import orjson
+
 from router.prefix import RouteKeys
 from router.ring import Ring
 from router.workers import Worker
@@ -33,6 +35,28 @@ class Decision:
             if name != self.worker:
                 out.append(name)
         return out
+
+
+@dataclass(frozen=True)
+class DecisionRecord:
+    """What one cache_aware decision changed in the router's state, so another replica can change its own alike."""
+
+    t: float  # wall-clock time of the decision
+    worker: str
+    group: bytes  # the key whose rate decides fan-out
+    blocks: Sequence[int]
+    block_tokens: Sequence[int]
+    session: bytes | None
+
+    def to_json(self) -> bytes:
+        return orjson.dumps([self.t, self.worker, self.group.hex(), list(self.blocks), list(self.block_tokens),
+                             self.session.hex() if self.session else None])
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> DecisionRecord:
+        t, worker, group, blocks, tokens, session = orjson.loads(data)
+        return cls(float(t), str(worker), bytes.fromhex(group), [int(b) for b in blocks], [int(n) for n in tokens],
+                   bytes.fromhex(session) if session else None)
 
 
 class PoolView(Protocol):

@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 
 from router.index import PrefixIndex
-from router.policies.base import Decision, PoolView
+from router.policies.base import Decision, DecisionRecord, PoolView
 from router.prefix import RouteKeys
 from router.rate import DecayedCounts, RateTable
 
@@ -57,6 +58,8 @@ class CacheAware:
         self.decode_weight = decode_weight
         self.c = load_factor
         self.s = load_slack
+        # Called with every decision's record (router.shared sends them to the other router replicas).
+        self.on_decision: Callable[[DecisionRecord], None] | None = None
 
     def fanout(self, rate: float, share: float, n: int) -> int:
         if rate <= self.R or n <= 1:
@@ -127,8 +130,19 @@ class CacheAware:
             self.recent.add(pick, now)
             if keys.session is not None:
                 self._remember(keys.session, pick)
+            if self.on_decision is not None:
+                self.on_decision(DecisionRecord(now, pick, group, keys.blocks, keys.block_tokens, keys.session))
         return Decision(pick, reason, order, 0, k, prefill=total - pick_hit, context=total,
                         candidates=list(candidates))
+
+    def apply(self, rec: DecisionRecord) -> None:
+        """Another router replica's decision: the state it changed there changes here the same way (the group's
+        rate at its time, the prefix index, the session table)."""
+        self.rates.hit_at(rec.group, rec.t)
+        self.index.insert(rec.worker, rec.blocks, rec.block_tokens)
+        self.recent.add(rec.worker, rec.t)
+        if rec.session is not None:
+            self._remember(rec.session, rec.worker)
 
     def _remember(self, session: bytes, worker: str) -> None:
         self.sessions[session] = worker

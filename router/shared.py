@@ -1,0 +1,148 @@
+"""Router state shared through Redis, so replicas (and the processes of `--processes N`) decide alike and a new
+or restarted router starts warm.
+
+cache_aware's state (per-key rate windows behind spill, the prefix index, the session table) is a function of
+the decisions made, so the replicas share the decisions: each router appends its decisions' records
+(policies.base.DecisionRecord) to one Redis stream, capped at `max_log` entries, and applies every other
+replica's records to its own state, about once a second. A router that starts reads the whole stream before it
+serves. Nothing on the request path touches Redis: decisions are made on local state and queued; when Redis is
+down the queue (bounded) waits and routing goes on locally.
+
+Workers are also discovered from their heartbeats (worker.stats): a worker whose heartbeat appears joins the
+pool (and the ring once a health probe passes); a discovered worker whose heartbeat expired leaves it. Workers
+given in the configuration stay whatever their heartbeats do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import uuid
+from collections import deque
+from typing import Any
+
+from protocol.statskeys import Keys
+from router.policies.base import DecisionRecord
+from router.policies.cache_aware import CacheAware
+from router.workers import WorkerPool, normalize_url
+
+log = logging.getLogger("prefixroute.router.shared")
+
+
+class SharedState:
+    def __init__(self, client: Any, keys: Keys, policy: Any, pool: WorkerPool, interval_s: float = 1.0,
+                 max_log: int = 200_000, max_pending: int = 100_000, discover: bool = True):
+        self.client = client
+        self.stream = f"{keys.ns}:router:decisions"
+        self.keys = keys
+        self.policy = policy if isinstance(policy, CacheAware) else None  # only cache_aware has state to share
+        self.pool = pool
+        self.interval_s = interval_s
+        self.max_log = max_log
+        self.discover = discover
+        self.id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.pending: deque[bytes] = deque(maxlen=max_pending)
+        self.last_id = "0-0"
+        self.static = set(pool.workers)
+        self.discovered: set[str] = set()
+        self.applied = 0  # other replicas' decisions applied
+        self.dropped = 0  # own decisions lost because the queue was full while Redis was away
+        if self.policy is not None:
+            self.policy.on_decision = self._queue
+
+    def _queue(self, rec: DecisionRecord) -> None:
+        if len(self.pending) == self.pending.maxlen:
+            self.dropped += 1
+        self.pending.append(rec.to_json())
+
+    async def load(self, chunk: int = 5000) -> int:
+        """Apply the whole stream (a starting router); returns the records applied."""
+        n = 0
+        start = "-"
+        while True:
+            entries = await self.client.xrange(self.stream, min=start, max="+", count=chunk)
+            if start != "-" and entries and entries[0][0] == start:
+                entries = entries[1:]  # xrange's min is inclusive
+            if not entries:
+                break
+            n += self._apply(entries, own_too=True)
+            start = entries[-1][0]
+            self.last_id = start
+        if self.discover:
+            await self.discover_workers()
+        return n
+
+    async def sync(self) -> None:
+        """Send queued decisions, apply the other replicas' new ones, refresh discovered workers."""
+        if self.pending:
+            batch = list(self.pending)
+            pipe = self.client.pipeline(transaction=False)
+            for data in batch:
+                pipe.xadd(self.stream, {"r": self.id, "d": data}, maxlen=self.max_log, approximate=True)
+            await pipe.execute()
+            for _ in batch:
+                self.pending.popleft()
+        while True:
+            got = await self.client.xread({self.stream: self.last_id}, count=10_000)
+            if not got:
+                break
+            entries = got[0][1]
+            self._apply(entries)
+            self.last_id = entries[-1][0]
+            if len(entries) < 10_000:
+                break
+        if self.discover:
+            await self.discover_workers()
+
+    def _apply(self, entries: list, own_too: bool = False) -> int:
+        n = 0
+        if self.policy is None:
+            return n
+        for _, fields in entries:
+            if not own_too and fields.get("r") == self.id:
+                continue
+            try:
+                rec = DecisionRecord.from_json(fields["d"])
+            except (KeyError, ValueError, TypeError):
+                continue
+            if rec.worker in self.pool.workers:
+                self.policy.apply(rec)
+                n += 1
+        self.applied += n
+        return n
+
+    async def discover_workers(self) -> None:
+        names = [k async for k in self.client.scan_iter(match=self.keys.heartbeat_pattern(), count=1000)]
+        beats = await self.client.mget(names) if names else []
+        alive = set()
+        for raw in beats:
+            try:
+                url = normalize_url(json.loads(raw)["url"])
+            except (TypeError, ValueError, KeyError):
+                continue
+            alive.add(url)
+            if url not in self.pool.workers:
+                log.info("worker %s discovered (heartbeat)", url)
+                self.pool.add(url)
+                self.discovered.add(url)
+        for url in list(self.discovered - alive):
+            if url not in self.static:
+                log.info("worker %s left (heartbeat expired)", url)
+                self.pool.remove(url)
+            self.discovered.discard(url)
+
+    async def run(self) -> None:
+        down = False
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await asyncio.wait_for(self.sync(), 10.0)
+                if down:
+                    log.info("shared state in sync again")
+                down = False
+            except Exception as exc:  # Redis away: keep routing on local state, queue decisions, retry
+                if not down:
+                    log.warning("shared state sync failed (%s); routing on local state", type(exc).__name__)
+                down = True
