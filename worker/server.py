@@ -31,7 +31,7 @@ from protocol.openai import (
     now,
 )
 from protocol.prompt import prompt_text
-from protocol.statskeys import H_EXPECTED, H_KEY, H_TENANT, H_VERSION, label
+from protocol.statskeys import H_EXPECTED, H_KEY, H_TENANT, H_VERSION, BoundedLabels, label
 from worker.engine.engine import Engine
 from worker.engine.loader import LoadedModel
 from worker.engine.sampling import SamplingParams
@@ -45,7 +45,7 @@ log = logging.getLogger("prefixroute.worker")
 
 @dataclass
 class _Tags:
-    stats: StatsPublisher
+    stats: StatsPublisher | None
     tenant: str | None
     version: str | None
     key: str | None
@@ -67,6 +67,8 @@ class WorkerServer:
         self.vocab_size = len(self.tokenizer)
         self.metrics = WorkerMetrics(engine)
         self.stats: StatsPublisher | None = None  # set when the worker reports to Redis
+        self.tenant_label = BoundedLabels(64)
+        self.version_label = BoundedLabels(64)
         self.created = now()
 
     def gauges(self) -> dict[str, int]:
@@ -151,17 +153,16 @@ class WorkerServer:
         self.metrics.requests.labels(endpoint, "499" if stream.client_gone else str(resp.status)).inc()
         return resp
 
-    def _tags(self, request: web.Request, req: ChatCompletionRequest | CompletionRequest) -> _Tags | None:
-        """What the stats in Redis count this request under: what the router sent, else the request's own."""
-        if self.stats is None:
-            return None
+    def _tags(self, request: web.Request, req: ChatCompletionRequest | CompletionRequest) -> _Tags:
+        """What stats and metrics count this request under: what the router sent, else the request's own."""
         h = request.headers
         try:
             expected = int(h.get(H_EXPECTED, ""))
         except ValueError:
             expected = None
         version = h.get(H_VERSION) or (req.metadata or {}).get("prefix_version")
-        return _Tags(self.stats, label(h.get(H_TENANT)), label(version), label(h.get(H_KEY)), expected)
+        return _Tags(self.stats, self.tenant_label(h.get(H_TENANT)), self.version_label(version), label(h.get(H_KEY)),
+                     expected)
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.loaded.name:
@@ -277,12 +278,18 @@ class _EventStream:
         self.last: SeqEvent | None = None
 
     async def __aiter__(self) -> AsyncIterator[SeqEvent]:
-        first = True
+        last_t, last_n = None, 0
         while not self.done:
             ev = await self.events.get()
-            if first and ev.completion_tokens:
-                self.metrics.ttft.observe(time.monotonic() - self.started)
-                first = False
+            if ev.completion_tokens > last_n:
+                t = time.monotonic()
+                if last_t is None:
+                    self.metrics.ttft.observe(t - self.started)
+                else:  # inter-token latency, per token of this event
+                    gap = (t - last_t) / (ev.completion_tokens - last_n)
+                    for _ in range(ev.completion_tokens - last_n):
+                        self.metrics.itl.observe(gap)
+                last_t, last_n = t, ev.completion_tokens
             if ev.finished:
                 self.done = True
                 self.last = ev
@@ -294,6 +301,8 @@ class _EventStream:
                     m.e2e.observe(time.monotonic() - self.started)
                     t = self.tags
                     if t is not None:
-                        t.stats.record(ev.prompt_tokens, ev.cached_tokens, ev.completion_tokens, t.tenant,
-                                       t.version, t.key, t.expected)
+                        m.count_labelled(ev.prompt_tokens, ev.cached_tokens, t.tenant, t.version, t.expected)
+                        if t.stats is not None:
+                            t.stats.record(ev.prompt_tokens, ev.cached_tokens, ev.completion_tokens, t.tenant,
+                                           t.version, t.key, t.expected)
             yield ev

@@ -19,11 +19,9 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from protocol.statskeys import COUNTERS, KEY_TTL_S, TOP_KEYS, Keys
+from protocol.statskeys import COUNTERS, KEY_TTL_S, OTHER, TOP_KEYS, Keys
 
 log = logging.getLogger("prefixroute.worker.stats")
-
-OTHER = "other"
 
 
 class _Pending:

@@ -23,7 +23,7 @@ def make_policy(settings: RouterSettings, clock: Callable[[], float] = time.time
     if settings.policy == "cache_aware":
         rates = RateTable(settings.rate_window_s, max_keys=settings.max_tracked_keys, clock=clock)
         return CacheAware(settings.spill_rpm, settings.rate_window_s, settings.max_tracked_keys, rates,
-                          max_sessions=settings.max_tracked_keys,
+                          max_sessions=settings.max_tracked_keys, session_ttl_s=settings.session_ttl_s,
                           index=PrefixIndex(settings.index_tokens_per_worker),
                           prefill_weight=settings.prefill_weight, decode_weight=settings.decode_weight,
                           load_factor=settings.load_factor, load_slack=settings.load_slack)

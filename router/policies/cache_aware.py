@@ -47,12 +47,14 @@ class CacheAware:
     def __init__(self, spill_rpm: float = 15.0, window_s: float = 60.0, max_keys: int = 100_000,
                  rates: RateTable | None = None, max_sessions: int = 100_000, index: PrefixIndex | None = None,
                  prefill_weight: float = 32.0, decode_weight: float = 0.01, load_factor: float = 1.25,
-                 load_slack: float = 4.0):
+                 load_slack: float = 4.0, session_ttl_s: float = 3600.0):
         self.R = spill_rpm
         self.rates = rates if rates is not None else RateTable(window_s=window_s, max_keys=max_keys)
         self.index = index if index is not None else PrefixIndex()
         self.max_sessions = max_sessions
-        self.sessions: OrderedDict[bytes, str] = OrderedDict()  # explicit session -> worker of its last turn
+        # explicit session -> (worker of its last turn, when); a session idle for session_ttl_s is forgotten
+        self.sessions: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
+        self.session_ttl_s = session_ttl_s
         self.recent = DecayedCounts(window_s)  # requests sent to each worker lately
         self.prefill_weight = prefill_weight
         self.decode_weight = decode_weight
@@ -80,7 +82,7 @@ class CacheAware:
         n = len(order)
         rate, share = self.rates.peek(group) if dry_run else self.rates.hit(group)
         k = self.fanout(rate, share, n)
-        last = self.sessions.get(keys.session) if keys.session is not None else None
+        last = self._session(keys.session) if keys.session is not None else None
         least, least_load = "", math.inf
         dw = self.decode_weight
         for name in pool.active:
@@ -129,7 +131,7 @@ class CacheAware:
             self.index.insert(pick, keys.blocks, keys.block_tokens)
             self.recent.add(pick, now)
             if keys.session is not None:
-                self._remember(keys.session, pick)
+                self._remember(keys.session, pick, now)
             if self.on_decision is not None:
                 self.on_decision(DecisionRecord(now, pick, group, keys.blocks, keys.block_tokens, keys.session))
         return Decision(pick, reason, order, 0, k, prefill=total - pick_hit, context=total,
@@ -142,10 +144,19 @@ class CacheAware:
         self.index.insert(rec.worker, rec.blocks, rec.block_tokens)
         self.recent.add(rec.worker, rec.t)
         if rec.session is not None:
-            self._remember(rec.session, rec.worker)
+            self._remember(rec.session, rec.worker, rec.t)
 
-    def _remember(self, session: bytes, worker: str) -> None:
-        self.sessions[session] = worker
+    def _session(self, session: bytes) -> str | None:
+        entry = self.sessions.get(session)
+        if entry is None or entry[1] < self.rates.clock() - self.session_ttl_s:
+            return None
+        return entry[0]
+
+    def _remember(self, session: bytes, worker: str, at: float) -> None:
+        old = self.sessions.get(session)
+        if old is not None and old[1] > at:  # a late record from another replica: the newer turn stays
+            return
+        self.sessions[session] = (worker, at)
         self.sessions.move_to_end(session)
         if len(self.sessions) > self.max_sessions:
             self.sessions.popitem(last=False)
