@@ -64,14 +64,7 @@ class RateTable:
     def hit(self, key: bytes) -> tuple[float, float]:
         """Count one request for `key`; returns (its rate in requests/minute, its share of all requests)."""
         e = self._epoch()
-        c = self._keys.get(key)
-        if c is None:
-            self._trim(e, room_for_one=True)
-            c = self._keys[key] = WindowCounter(self.buckets)
-        else:
-            self._keys.move_to_end(key)
-        c.add(e)
-        self._all.add(e)
+        c = self._count(key, e, e)
         return c.total * 60.0 / self.window_s, c.total / self._all.total
 
     def hit_at(self, key: bytes, t: float) -> None:
@@ -79,19 +72,20 @@ class RateTable:
         than the window no longer counts."""
         now = self._epoch()
         e = int(t // self.slice_s)
-        if e <= now - self.buckets:
-            return
-        e = min(e, now)
+        if e > now - self.buckets:
+            self._count(key, min(e, now), now)
+
+    def _count(self, key: bytes, e: int, now: int) -> WindowCounter:
         c = self._keys.get(key)
         if c is None:
             self._trim(now, room_for_one=True)
             c = self._keys[key] = WindowCounter(self.buckets)
         else:
             self._keys.move_to_end(key)
-        c.expire(now)
-        c.add(e)
-        self._all.expire(now)
-        self._all.add(e)
+        for counter in (c, self._all):
+            counter.expire(now)  # a late request's slice must not reset one that counts newer ones
+            counter.add(e)
+        return c
 
     def peek(self, key: bytes) -> tuple[float, float]:
         """What `hit` would return for one more request of `key`, counting nothing."""
