@@ -35,6 +35,7 @@ from router.index import chain
 from router.tenants import Tenant
 
 _CHARS_PER_TOKEN_GUESS = 5  # first window; doubled until it holds more than P tokens
+_ESTIMATE_CHARS = 1024  # the least text that bytes per token are estimated from (P = 256 windows hold more)
 
 
 @dataclass(frozen=True)
@@ -82,31 +83,41 @@ class PrefixKeyer:
 
     def _window(self, text: str, complete: bool = True) -> tuple[list[int] | None, float]:
         """The first P token ids of `text`, tokenizing a window of characters that grows only as needed, and
-        the window's bytes (UTF-8) per token. For a text that is only the start of the prompt (`complete` false)
-        and holds no more than P tokens, None: the caller must extend it."""
+        the bytes (UTF-8) per token of the text's first _ESTIMATE_CHARS at least (a few tokens alone are a poor
+        sample: a chat template's leading special tokens are long). For a text that is only the start of the
+        prompt (`complete` false) and holds no more than P tokens, None: the caller must extend it."""
         window = self.P * _CHARS_PER_TOKEN_GUESS
         while True:
             part = text[:window]
             whole = len(part) == len(text)
-            ck = blake2b(part.encode(), digest_size=16).digest()
-            ids = self._cache.get(ck)
-            if ids is None:
-                ids = self.tokenizer(part, add_special_tokens=False).input_ids
-                self._cache[ck] = ids
-                if len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
-            else:
-                self._cache.move_to_end(ck)
-            bpt = len(part.encode()) / max(1, len(ids))
+            ids = self._tokens(part)
             if whole and complete:
-                return ids[: self.P], bpt
+                return ids[: self.P], self._bpt(text, part, ids)
             # The window's last token may be cut mid-word (or merge with what follows the text): keep only
             # tokens followed by another one.
             if len(ids) > self.P:
-                return ids[: self.P], bpt
+                return ids[: self.P], self._bpt(text, part, ids)
             if whole:
-                return None, bpt
+                return None, self._bpt(text, part, ids)
             window *= 2
+
+    def _tokens(self, part: str) -> list[int]:
+        ck = blake2b(part.encode(), digest_size=16).digest()
+        ids = self._cache.get(ck)
+        if ids is None:
+            ids = self.tokenizer(part, add_special_tokens=False).input_ids
+            self._cache[ck] = ids
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(ck)
+        return ids
+
+    def _bpt(self, text: str, part: str, ids: list[int]) -> float:
+        if len(part) < _ESTIMATE_CHARS and len(part) < len(text):
+            part = text[:_ESTIMATE_CHARS]
+            ids = self._tokens(part)
+        return len(part.encode()) / max(1, len(ids))
 
     def keys(self, tenant: Tenant, req: ChatCompletionRequest | CompletionRequest,
              session_hint: str | None) -> RouteKeys:

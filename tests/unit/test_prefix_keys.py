@@ -170,3 +170,16 @@ def test_a_repeated_chat_prefix_is_neither_rendered_nor_tokenized_again(keyer, m
     # a changed message inside the key's messages is rendered again and keyed differently
     changed = k.keys(A, chat("Now. " + msgs[0], *msgs[1:]), None)
     assert changed.key != first.key and rec.renders
+
+
+@pytest.mark.parametrize("p", [8, 64])
+def test_prompt_token_estimates_hold_with_a_small_key_window(keyer, p):
+    """A chat template opens with long special tokens: estimating bytes per token from the first P tokens alone
+    (P = 8 in the scaled benchmarks) overestimates the prompt; the estimate samples at least 1 KiB."""
+    k = PrefixKeyer(keyer.tokenizer, prefix_tokens=p)
+    words = " ".join(f"word{i % 50} item{i % 7}" for i in range(1500))
+    req = chat(words, "question")
+    got = k.keys(A, req, None)
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    true = len(full_key_ids(keyer.tokenizer, messages, 10**9))
+    assert abs(got.prompt_tokens - true) <= 0.1 * true, (got.prompt_tokens, true)
