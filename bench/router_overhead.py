@@ -9,11 +9,14 @@ p50); direct and routed p50 are reported alongside. The same for streamed reques
 the router's in-process key computation (render + tokenize P tokens + hash) with a cold and a warm
 tokenization cache; then a closed-loop load (wrk when installed, else Python) for requests/s and router CPU
 per request. Side by side in one run: prefixroute (with `--processes 1` and more, throughput only past 1) and
-SGLang's router from PyPI (`sglang-router`), in front of the same `--upstreams` fast servers. Prints JSON, then
-markdown tables; `--out DIR` writes router_overhead.{json,md}.
+SGLang's router from PyPI (`sglang-router`), in front of the same `--upstreams` fast servers, and
+`aiohttp-floor`: a pass-through proxy of a dozen lines on the same aiohttp server, client and uvloop as
+prefixroute, forwarding bytes round robin and doing nothing else, the floor any aiohttp router stands on.
+Prints JSON, then markdown tables; `--out DIR` writes router_overhead.{json,md}.
 
   python bench/router_overhead.py [--samples 300] [--routers prefixroute sglang] [--processes 1 2] [--out DIR]
   python bench/router_overhead.py --serve-upstream PORT    (the fast upstream itself)
+  python bench/router_overhead.py --serve-floor PORT URL... (the aiohttp pass-through floor)
 """
 
 from __future__ import annotations
@@ -84,6 +87,41 @@ def upstream_app() -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_get("/get_server_info", sglang_info)
     app.router.add_get("/get_model_info", sglang_info)
+    return app
+
+
+def floor_app(upstreams: list[str]) -> web.Application:
+    """Forward the body round robin and return the answer: no parsing, keys, policy, metrics or failover."""
+    turn = [0]
+
+    async def start(app: web.Application) -> None:
+        app["client"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
+
+    async def stop(app: web.Application) -> None:
+        await app["client"].close()
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        turn[0] += 1
+        url = upstreams[turn[0] % len(upstreams)] + request.path
+        async with request.app["client"].post(url, data=body, headers={"Content-Type": "application/json"}) as up:
+            if not up.content_type.startswith("text/event-stream"):
+                return web.Response(body=await up.read(), status=up.status, content_type=up.content_type)
+            out = web.StreamResponse(status=up.status, headers={"Content-Type": "text/event-stream"})
+            await out.prepare(request)
+            async for chunk in up.content.iter_any():
+                await out.write(chunk)
+            await out.write_eof()
+            return out
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app = web.Application(client_max_size=64 << 20)
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
+    app.router.add_post("/v1/chat/completions", forward)
+    app.router.add_get("/health", health)
     return app
 
 
@@ -228,6 +266,8 @@ async def python_rps(url: str, payload: bytes, seconds: float, connections: int)
 
 
 def router_command(kind: str, port: int, upstreams: list[str], processes: int) -> list[str]:
+    if kind == "aiohttp-floor":
+        return [__file__, "--serve-floor", str(port), *upstreams]
     if kind == "sglang":  # SGLang's router from PyPI, its default policy (cache_aware)
         return ["-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port), "--worker-urls",
                 *upstreams, "--log-level", "warn"]
@@ -325,15 +365,23 @@ def markdown(r: dict[str, Any]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--serve-floor", nargs="+", help=argparse.SUPPRESS)
     p.add_argument("--samples", type=int, default=300)
     p.add_argument("--sizes", type=int, nargs="+", default=[200, 2000, 20000])
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--upstreams", type=int, default=4)
-    p.add_argument("--routers", nargs="+", default=["prefixroute", "sglang"], choices=["prefixroute", "sglang"])
+    p.add_argument("--routers", nargs="+", default=["prefixroute", "sglang", "aiohttp-floor"],
+                   choices=["prefixroute", "sglang", "aiohttp-floor"])
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="prefixroute --processes to measure")
     p.add_argument("--out")
     args = p.parse_args()
+    if args.serve_floor:
+        import uvloop
+
+        web.run_app(floor_app(args.serve_floor[1:]), host="127.0.0.1", port=int(args.serve_floor[0]), print=None,
+                    access_log=None, loop=uvloop.new_event_loop())
+        return 0
     if args.serve_upstream:
         web.run_app(upstream_app(), host="127.0.0.1", port=args.serve_upstream, print=None, access_log=None,
                     shutdown_timeout=0.5)
@@ -346,7 +394,8 @@ def main() -> int:
     report = {"versions": {"sglang-router": sglang},
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                           "loadavg_at_end": os.getloadavg()},  # 1, 5, 15 min: other work sharing the CPUs
-              "config": {k: v for k, v in vars(args).items() if k != "serve_upstream"}, "results": results}
+              "config": {k: v for k, v in vars(args).items() if k not in ("serve_upstream", "serve_floor")},
+              "results": results}
     md = markdown(results)
     print(json.dumps(report, indent=2))
     print(md)
