@@ -30,12 +30,17 @@ def hostport(url: str) -> str:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("obs")
-    redis_url, redis = start_redis()
-    urls, sim = start_sim_workers(3, "--redis-url", redis_url, "--sim-speedup", "50")
-    router, rproc = start_router(urls, "--redis-url", redis_url, "--admin-key", "adm")
-    prom, pproc = start_prometheus({"prefixroute-router": [hostport(router)],
-                                    "prefixroute-worker": [hostport(u) for u in urls]}, tmp)
+    procs = []  # stopped whatever fails, a start included
     try:
+        redis_url, redis = start_redis()
+        procs.append(redis)
+        urls, sim = start_sim_workers(3, "--redis-url", redis_url, "--sim-speedup", "50")
+        procs.append(sim)
+        router, rproc = start_router(urls, "--redis-url", redis_url, "--admin-key", "adm")
+        procs.append(rproc)
+        prom, pproc = start_prometheus({"prefixroute-router": [hostport(router)],
+                                        "prefixroute-worker": [hostport(u) for u in urls]}, tmp)
+        procs.append(pproc)
         t0 = time.time()
         subprocess.run([sys.executable, "-m", "loadgen", "synth", "multiturn", "--url", router, "--requests", "120",
                         "--rate", "10", "--max-tokens", "8", "--seed", "2", "--out", str(tmp / "run"), "--quiet"],
@@ -50,7 +55,7 @@ def cluster(tmp_path_factory):
         time.sleep(4)  # a few more scrapes and rule evaluations
         yield prom, t0, time.time(), tmp
     finally:
-        for p in (pproc, rproc, sim, redis):
+        for p in reversed(procs):
             stop_process(p)
 
 

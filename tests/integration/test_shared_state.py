@@ -27,10 +27,12 @@ def routes(router: str, requests: list[dict]) -> list[str]:
 
 
 def test_a_second_router_agrees_with_the_first_without_warm_up(tmp_path):
-    redis_url, redis = start_redis()
-    urls, sim = start_sim_workers(4, "--redis-url", redis_url, "--sim-speedup", "50")
-    procs = [redis, sim]
+    procs = []  # stopped whatever fails, a start included
     try:
+        redis_url, redis = start_redis()
+        procs.append(redis)
+        urls, sim = start_sim_workers(4, "--redis-url", redis_url, "--sim-speedup", "50")
+        procs.append(sim)
         a, pa = start_router(urls, "--redis-url", redis_url, "--admin-key", ADMIN)
         procs.append(pa)
         record = tmp_path / "requests.jsonl"
@@ -56,10 +58,14 @@ def test_a_second_router_agrees_with_the_first_without_warm_up(tmp_path):
 
 
 def test_workers_are_discovered_from_heartbeats_and_leave_when_they_stop(tmp_path):
-    redis_url, redis = start_redis()
-    router, pr = start_router([], "--redis-url", redis_url, wait_path="/v1/models")
-    urls, sim = start_sim_workers(2, "--redis-url", redis_url, "--sim-speedup", "50")
+    procs = []
     try:
+        redis_url, redis = start_redis()
+        procs.append(redis)
+        router, pr = start_router([], "--redis-url", redis_url, wait_path="/v1/models")
+        procs.append(pr)
+        urls, sim = start_sim_workers(2, "--redis-url", redis_url, "--sim-speedup", "50")
+        procs.append(sim)
         def health():
             return httpx.get(router + "/health", timeout=5).json()
 
@@ -75,6 +81,5 @@ def test_workers_are_discovered_from_heartbeats_and_leave_when_they_stop(tmp_pat
             time.sleep(0.25)
         assert health()["workers"] == 0
     finally:
-        stop_process(pr)
-        stop_process(sim)
-        stop_process(redis)
+        for p in reversed(procs):
+            stop_process(p)

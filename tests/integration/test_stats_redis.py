@@ -42,11 +42,13 @@ def wait_for(cond, timeout: float) -> bool:
 def test_admin_stats_equal_what_loadgen_saw_and_survive_a_redis_restart(tmp_path):
     data = tmp_path / "redis"
     data.mkdir()
-    redis_url, redis = start_redis(data_dir=data)
-    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
-    urls, sim = start_sim_workers(3, "--redis-url", redis_url, "--stats-interval-s", "0.2", "--sim-speedup", "50")
-    router, rproc = start_router(urls, "--redis-url", redis_url, "--admin-key", ADMIN)
+    procs: dict = {}  # stopped whatever fails, a start included
     try:
+        redis_url, procs["redis"] = start_redis(data_dir=data)
+        port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+        urls, procs["sim"] = start_sim_workers(3, "--redis-url", redis_url, "--stats-interval-s", "0.2",
+                                               "--sim-speedup", "50")
+        router, procs["router"] = start_router(urls, "--redis-url", redis_url, "--admin-key", ADMIN)
         assert httpx.get(router + "/health").json()["redis"] == "ok"
         first = replay(router, tmp_path / "a", 60, 30)
         assert first["ok"] == 60 and first["cached_tokens"] > 0
@@ -67,12 +69,12 @@ def test_admin_stats_equal_what_loadgen_saw_and_survive_a_redis_restart(tmp_path
         th = threading.Thread(target=lambda: result.update(replay(router, tmp_path / "b", 80, 16)))
         th.start()
         time.sleep(1.5)
-        stop_process(redis)
+        stop_process(procs.pop("redis"))
         assert wait_for(lambda: httpx.get(router + "/health").json()["redis"] == "down", 10)
         assert httpx.get(router + "/admin/stats", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 503
         assert httpx.get(router + "/health").status_code == 200  # routing goes on without Redis
         time.sleep(1.5)
-        _, redis = start_redis(port, data)
+        _, procs["redis"] = start_redis(port, data)
         th.join(120)
         assert result["ok"] == 80 and result["errors"] == 0
         assert wait_for(lambda: httpx.get(router + "/health").json()["redis"] == "ok", 15)
@@ -81,7 +83,6 @@ def test_admin_stats_equal_what_loadgen_saw_and_survive_a_redis_restart(tmp_path
         want = first["prompt_tokens"] + result["prompt_tokens"]
         assert abs(c["prompt_tokens"] - want) <= 0.01 * want
     finally:
-        stop_process(rproc)
-        stop_process(sim)
-        stop_process(redis)
+        for p in reversed(list(procs.values())):
+            stop_process(p)
 
