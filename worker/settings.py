@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -39,6 +39,11 @@ class WorkerSettings(BaseSettings):
     stats_interval_s: float = Field(1.0, gt=0, le=60)
     heartbeat_ttl_s: float = Field(10.0, gt=0)
     advertise_url: str | None = Field(None, description="the URL routers reach this worker at; default http://host:port")
+
+    @field_validator("redis_url", "model", "advertise_url", "worker_id", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v  # compose's `${VAR:-}`
 
     @property
     def name(self) -> str:

@@ -25,3 +25,17 @@ def test_bad_settings_exit_2_without_traceback():
     r = subprocess.run([sys.executable, "-m", "worker", "--block-size", "0"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "invalid setting block_size" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_empty_environment_values_mean_unset(monkeypatch):
+    """Compose writes `${VAR:-}` as an empty string: an empty admin key must not enable the admin API."""
+    from router.settings import RouterSettings
+    from worker.settings import WorkerSettings
+
+    for name in ("ADMIN_KEY", "REDIS_URL", "MODEL"):
+        monkeypatch.setenv(f"PREFIXROUTE_ROUTER_{name}", "")
+    for name in ("REDIS_URL", "MODEL", "ADVERTISE_URL"):
+        monkeypatch.setenv(f"PREFIXROUTE_WORKER_{name}", " ")
+    r, w = RouterSettings(), WorkerSettings()
+    assert r.admin_key is None and r.redis_url is None and r.model is None
+    assert w.redis_url is None and w.model is None and w.advertise_url is None

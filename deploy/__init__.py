@@ -1,0 +1,1 @@
+"""Deployment helpers: `python -m deploy.compose` writes the compose files."""

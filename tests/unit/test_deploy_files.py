@@ -1,0 +1,71 @@
+"""The deployment files: compose files current with their generator and valid for the compose tool, one GPU per
+worker, images overridable; the Dockerfile passes hadolint; Prometheus' compose config passes promtool."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from deploy import compose
+from harness.procs import ROOT
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    assert path, f"{name} is not installed (deploy/install.sh test installs it)"
+    return path
+
+
+@pytest.mark.parametrize("args,path", [(["--gpus", "2"], "docker-compose.yml"),
+                                       (["--cpu", "--workers", "2"], "docker-compose.cpu.yml")])
+def test_compose_files_are_current_and_valid(args, path, tmp_path, monkeypatch):
+    committed = (ROOT / path).read_text()
+    prom = (ROOT / "deploy/prometheus/prometheus.compose.yml").read_text()
+    monkeypatch.setattr(compose, "ROOT", tmp_path)
+    (tmp_path / "deploy" / "prometheus").mkdir(parents=True)
+    compose.main(args)
+    assert (tmp_path / path).read_text() == committed, f"{path} is stale: run python -m deploy.compose {' '.join(args)}"
+    assert (tmp_path / "deploy/prometheus/prometheus.compose.yml").read_text() == prom
+    r = subprocess.run([tool("docker-compose"), "-f", str(ROOT / path), "config", "-q"], capture_output=True,
+                       text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+
+
+def test_each_gpu_worker_is_pinned_to_its_own_device_and_images_are_variables():
+    gpu = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    cpu = yaml.safe_load((ROOT / "docker-compose.cpu.yml").read_text())["services"]
+    workers = {n: s for n, s in gpu.items() if n.startswith("worker-")}
+    ids = [s["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for s in workers.values()]
+    assert sorted(map(tuple, ids)) == [("0",), ("1",)]
+    assert all(s["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia" for s in workers.values())
+    assert not any("deploy" in s for n, s in cpu.items())
+    for services in (gpu, cpu):
+        assert all(s["image"].startswith("${") and ":-" in s["image"] for s in services.values())
+        router_deps = services["router"]["depends_on"]
+        assert all(router_deps[n]["condition"] == "service_healthy" for n in services if n.startswith("worker-"))
+        assert "--redis-url" in services["router"]["command"] and "--worker" not in services["router"]["command"]
+
+
+def test_more_gpus_is_one_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(compose, "ROOT", tmp_path)
+    (tmp_path / "deploy" / "prometheus").mkdir(parents=True)
+    compose.main(["--gpus", "8"])
+    services = yaml.safe_load((tmp_path / "docker-compose.yml").read_text())["services"]
+    assert sum(n.startswith("worker-") for n in services) == 8
+    targets = yaml.safe_load((tmp_path / "deploy/prometheus/prometheus.compose.yml").read_text())
+    assert len(targets["scrape_configs"][1]["static_configs"][0]["targets"]) == 8
+
+
+def test_dockerfile_passes_hadolint():
+    r = subprocess.run([tool("hadolint"), str(ROOT / "deploy/docker/Dockerfile")], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_compose_prometheus_config_passes_promtool():
+    r = subprocess.run([tool("promtool"), "check", "config", str(ROOT / "deploy/prometheus/prometheus.compose.yml")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
