@@ -13,6 +13,8 @@ from typing import Any
 
 DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
 OUT = Path(__file__).resolve().parent / "dashboards" / "prefixroute.json"
+K8S_COPY = Path(__file__).resolve().parents[1] / "deploy" / "k8s" / "dashboards" / "prefixroute.json"  # kustomize
+# reads files below its own folder only
 RI = "$__rate_interval"
 W = 'instance=~"$worker"'
 T = 'tenant=~"$tenant"'
@@ -122,8 +124,10 @@ def dashboard() -> dict[str, Any]:
 
 
 def main() -> None:
-    OUT.write_text(json.dumps(dashboard(), indent=2) + "\n")
-    print(OUT)
+    for out in (OUT, K8S_COPY):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(dashboard(), indent=2) + "\n")
+        print(out)
 
 
 if __name__ == "__main__":

@@ -69,3 +69,25 @@ def test_compose_prometheus_config_passes_promtool():
     r = subprocess.run([tool("promtool"), "check", "config", str(ROOT / "deploy/prometheus/prometheus.compose.yml")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_kubernetes_manifests_render_and_validate(tmp_path):
+    rendered = subprocess.run([tool("kubectl"), "kustomize", str(ROOT / "deploy/k8s")], capture_output=True,
+                              text=True, timeout=120)
+    assert rendered.returncode == 0, rendered.stderr
+    docs = [d for d in yaml.safe_load_all(rendered.stdout) if d]
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert {("Deployment", "router"), ("StatefulSet", "worker"), ("Deployment", "redis"),
+            ("ConfigMap", "grafana-dashboards")} <= kinds
+    router = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "router")
+    assert router["spec"]["replicas"] == 2
+    assert router["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/health"
+    worker = next(d for d in docs if d["kind"] == "StatefulSet")
+    assert worker["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    out = tmp_path / "k8s.yaml"
+    out.write_text(rendered.stdout)
+    r = subprocess.run([tool("kubernetes-validate"), "--strict", str(out)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    dashboard = (ROOT / "grafana/dashboards/prefixroute.json").read_text()
+    assert (ROOT / "deploy/k8s/dashboards/prefixroute.json").read_text() == dashboard  # python grafana/build.py
