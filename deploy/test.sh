@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The README's second command: install prefixroute with its test tools, then run the tests with the same Python.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+deploy/install.sh test
+exec "$(deploy/python.sh)" -m pytest -q "$@"
