@@ -53,11 +53,12 @@ class _FileSource(PydanticBaseSettingsSource):
 class RouterSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PREFIXROUTE_ROUTER_", env_nested_delimiter="__")
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     processes: int = Field(1, ge=1, le=256, description="router processes sharing the port (SO_REUSEPORT)")
-    workers: list[WorkerConfig] = Field(default_factory=list)
-    policy: PolicyName = "cache_aware"
+    workers: list[WorkerConfig] = Field(default_factory=list, description="upstream workers ({url, weight}); with "
+                                        "Redis, workers found by their heartbeats join them")
+    policy: PolicyName = Field("cache_aware", description=", ".join(POLICIES))
     model: str | None = Field(None, description="tokenizer/chat template source; default: the worker's default")
     # routing key
     prefix_tokens: int = Field(256, ge=1, le=32768, description="P: tokens of the stable prefix that are hashed")
@@ -67,7 +68,7 @@ class RouterSettings(BaseSettings):
     # cache_aware
     vnodes: int = Field(160, ge=1, le=4096, description="virtual nodes per unit of weight")
     spill_rpm: float = Field(15.0, gt=0, description="R: requests/minute per key before it spills")
-    rate_window_s: float = Field(60.0, gt=0)
+    rate_window_s: float = Field(60.0, gt=0, description="window of the per-key rates behind spill (seconds)")
     max_tracked_keys: int = Field(100_000, ge=16, description="keys whose rate, and sessions whose worker, are kept")
     session_ttl_s: float = Field(3600.0, gt=0, description="a session idle this long no longer pins its worker")
     load_factor: float = Field(1.25, ge=1.0, description="c: a worker above c x mean + s in-flight is passed over")
@@ -76,27 +77,29 @@ class RouterSettings(BaseSettings):
     decode_weight: float = Field(0.01, ge=0.0, description="weight of the context tokens a worker's in-flight "
                                  "requests hold, against its queued prefill tokens")
     # tenants
-    tenants: list[TenantConfig] = Field(default_factory=list)
+    tenants: list[TenantConfig] = Field(default_factory=list, description="{id, api_key, secret} each; none: open "
+                                        "mode, one tenant, no API key")
     open_tenant_secret: SecretStr = Field(SecretStr("prefixroute-open"), description="the one tenant of open mode")
-    admin_key: SecretStr | None = None
+    admin_key: SecretStr | None = Field(None, description="enables /admin/* (Authorization: Bearer KEY); unset: off")
     # upstream
-    health_interval_s: float = Field(2.0, gt=0)
-    health_timeout_s: float = Field(2.0, gt=0)
+    health_interval_s: float = Field(2.0, gt=0, description="seconds between health probes of each worker")
+    health_timeout_s: float = Field(2.0, gt=0, description="a slower probe fails")
     fail_threshold: int = Field(2, ge=1, description="consecutive failures (probes, broken connections, 502/503 "
                                 "answers) before a worker leaves the ring; a refused connection takes it off at once")
-    connect_timeout_s: float = Field(3.0, gt=0)
-    request_timeout_s: float = Field(600.0, gt=0)
+    connect_timeout_s: float = Field(3.0, gt=0, description="upstream connect timeout (then failover)")
+    request_timeout_s: float = Field(600.0, gt=0, description="upstream timeout for a whole response")
     max_failover: int = Field(2, ge=0, description="other workers tried when one fails before streaming")
     max_connections: int = Field(4096, ge=1, description="upstream connections open at once; more requests queue")
-    max_body_bytes: int = Field(32 << 20, ge=1024)
+    max_body_bytes: int = Field(32 << 20, ge=1024, description="larger request bodies get 413")
     # Redis: the hit stats workers publish (/admin/stats)
     redis_url: str | None = Field(None, description="the Redis the workers publish hit stats to")
-    stats_namespace: str = Field("prefixroute", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    stats_namespace: str = Field("prefixroute", pattern=r"^[A-Za-z0-9_.\-]{1,64}$",
+                                 description="prefix of every Redis key: several clusters on one Redis")
     share_state: bool = Field(True, description="with Redis: share routing state with the other router replicas")
     discover_workers: bool = Field(True, description="with Redis: add workers from their heartbeats")
-    share_interval_s: float = Field(1.0, gt=0, le=60)
+    share_interval_s: float = Field(1.0, gt=0, le=60, description="seconds between exchanges of routing state")
     share_log_entries: int = Field(200_000, ge=1000, description="decisions kept in Redis for a new router to load")
-    log_level: str = "info"
+    log_level: str = Field("info", description="debug, info, warning or error")
 
     @field_validator("admin_key", "redis_url", "model", mode="before")
     @classmethod
@@ -123,7 +126,8 @@ def load_settings(cli: dict[str, Any], config_file: str | None) -> RouterSetting
         _FileSource.path = None
 
 
-def parse_args(argv: Sequence[str] | None = None) -> RouterSettings:
+def parser() -> argparse.ArgumentParser:
+    """The command line; each option's dest is the setting it sets (docs: deploy/settings_doc.py)."""
     p = argparse.ArgumentParser(prog="python -m router", description="prefixroute cache-aware router")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
@@ -148,7 +152,11 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterSettings:
                    help="with Redis: keep routing state local (no sharing with other replicas)")
     p.add_argument("--no-discover-workers", dest="discover_workers", action="store_const", const=False)
     p.add_argument("--log-level")
-    ns = vars(p.parse_args(argv))
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> RouterSettings:
+    ns = vars(parser().parse_args(argv))
     config = ns.pop("config")
     cli = {k: v for k, v in ns.items() if v is not None}
     if "workers" in cli:

@@ -13,31 +13,33 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PREFIXROUTE_WORKER_")
 
-    host: str = "127.0.0.1"
-    port: int = Field(8001, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8001, ge=0, le=65535, description="port to listen on")
     model: str | None = Field(None, description="local HF model directory or .gguf file; default: SmolLM2-135M GGUF")
-    served_model_name: str | None = None
+    served_model_name: str | None = Field(None, description="the model's name in the API; default: from its file")
     worker_id: str | None = Field(None, description="name in metrics and stats; default host:port")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    block_size: int = Field(16, ge=1, le=4096)
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="of weights and KV; auto "
+                                                                     "picks by device")
+    block_size: int = Field(16, ge=1, le=4096, description="tokens per cached KV block: the unit of a prefix hit")
     cache_bytes: int | None = Field(None, ge=0, description="prefix cache budget; default: see default_cache_bytes")
     cache_tokens: int | None = Field(None, ge=0, description="the budget in tokens of KV instead (wins over bytes)")
-    max_num_seqs: int = Field(16, ge=1)
+    max_num_seqs: int = Field(16, ge=1, description="requests decoded together")
     max_batch_tokens: int = Field(512, ge=16, description="tokens per engine step (decode + one prefill chunk)")
     max_waiting: int = Field(1024, ge=0, description="queued requests beyond which new ones get 503")
     cache_generated: bool = Field(True, description="also cache blocks of generated tokens (multi-turn hits)")
-    max_body_bytes: int = Field(32 << 20, ge=1024)
-    log_level: str = "info"
+    max_body_bytes: int = Field(32 << 20, ge=1024, description="larger request bodies get 413")
+    log_level: str = Field("info", description="debug, info, warning or error")
     backend: Literal["model", "sim"] = Field("model", description="the real model, or the GPU cost model (sim)")
     sim_profile: str = Field("h100-llama3-8b", description="sim: GPU and model whose service times are modelled")
     sim_speedup: float = Field(1.0, gt=0, description="sim: simulated time runs this many times faster")
     sim_token_scale: float = Field(1.0, gt=0, description="sim: each prompt token costs and weighs this many")
     replicas: int = Field(1, ge=1, le=128, description="sim: workers served by this process, on port, port+1, ...")
     redis_url: str | None = Field(None, description="publish hit stats and a heartbeat to this Redis")
-    stats_namespace: str = Field("prefixroute", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
-    stats_interval_s: float = Field(1.0, gt=0, le=60)
-    heartbeat_ttl_s: float = Field(10.0, gt=0)
+    stats_namespace: str = Field("prefixroute", pattern=r"^[A-Za-z0-9_.\-]{1,64}$",
+                                 description="prefix of every Redis key: several clusters on one Redis")
+    stats_interval_s: float = Field(1.0, gt=0, le=60, description="seconds between writes of hit stats to Redis")
+    heartbeat_ttl_s: float = Field(10.0, gt=0, description="a heartbeat older than this: gone, for the routers")
     advertise_url: str | None = Field(None, description="the URL routers reach this worker at; default http://host:port")
 
     @field_validator("redis_url", "model", "advertise_url", "worker_id", mode="before")
@@ -62,7 +64,8 @@ def default_cache_bytes(device_type: str, free_device_bytes: int | None, total_r
     return min(total_ram // 4, 4 << 30)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> WorkerSettings:
+def parser() -> argparse.ArgumentParser:
+    """The command line; each option's dest is the setting it sets (docs: deploy/settings_doc.py)."""
     p = argparse.ArgumentParser(prog="python -m worker", description="prefixroute worker (OpenAI-compatible)")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
@@ -88,5 +91,9 @@ def parse_args(argv: Sequence[str] | None = None) -> WorkerSettings:
     p.add_argument("--stats-namespace")
     p.add_argument("--stats-interval-s", type=float)
     p.add_argument("--advertise-url", help="the URL routers reach this worker at (default http://host:port)")
-    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> WorkerSettings:
+    args = {k: v for k, v in vars(parser().parse_args(argv)).items() if v is not None}
     return WorkerSettings(**args)

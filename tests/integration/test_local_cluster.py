@@ -8,14 +8,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import venv
 
-import httpx
 import psutil
-from openai import OpenAI
 
+from deploy import smoke
 from harness.procs import ROOT, free_port, free_port_block
 
 
@@ -55,31 +53,13 @@ def test_readme_first_command_starts_a_working_cluster_and_stops_clean(tmp_path)
     url = f"http://127.0.0.1:{port}"
     markers = [str(clone), str(env_dir), f"--port {rport}", f"127.0.0.1:{pport}"]
     try:
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "local.log").read_text()[-3000:]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        health = httpx.get(url + "/health", timeout=5).json()
-        assert health["workers"] == 2 and health["redis"] == "ok"
-        client = OpenAI(base_url=url + "/v1", api_key="unused")
-        system = {"role": "system", "content": "You answer questions about a small bakery. " * 20}
-        cached = []
-        for q in ("What does bread cost?", "When do you open?"):
-            r = client.chat.completions.create(model="SmolLM2-135M-Instruct", max_tokens=4, temperature=0,
-                                               messages=[system, {"role": "user", "content": q}])
-            cached.append(r.usage.prompt_tokens_details.cached_tokens)
-        assert cached[0] == 0 and cached[1] > 0
-        out = tmp_path / "run"
-        subprocess.run([sys.executable, "-m", "loadgen", "synth", "zipf", "--url", url, "--requests", "12",
-                        "--rate", "4", "--max-tokens", "4", "--out", str(out), "--quiet"], cwd=ROOT, check=True,
-                       timeout=300, stdout=subprocess.DEVNULL)
-        assert '"errors": 0' in (out / "summary.json").read_text()
-        assert httpx.get(f"http://127.0.0.1:{pport}/-/ready", timeout=5).status_code == 200  # Prometheus too
+        exited = lambda: None if proc.poll() is None else (tmp_path / "local.log").read_text()[-3000:]  # noqa: E731
+        health = smoke.wait_healthy(url, workers=2, timeout_s=400, gone=exited)
+        assert health["redis"] == "ok"
+        chat = smoke.check_chat(url)
+        assert chat["cached_tokens"][1] > 0 and chat["streamed_tokens"] > 0
+        assert smoke.run_loadgen(url, tmp_path / "run")["errors"] == 0
+        smoke.check_prometheus(f"http://127.0.0.1:{pport}", targets=3)  # the router and both workers, scraped
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

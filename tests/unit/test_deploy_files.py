@@ -1,5 +1,5 @@
 """The deployment files: compose files current with their generator and valid for the compose tool, one GPU per
-worker, images overridable; the Dockerfile passes hadolint; Prometheus' compose config passes promtool."""
+worker, images overridable; the Dockerfile passes hadolint; each compose file's Prometheus config passes promtool."""
 
 from __future__ import annotations
 
@@ -19,19 +19,23 @@ def tool(name: str) -> str:
     return path
 
 
-@pytest.mark.parametrize("args,path", [(["--gpus", "2"], "docker-compose.yml"),
-                                       (["--cpu", "--workers", "2"], "docker-compose.cpu.yml")])
-def test_compose_files_are_current_and_valid(args, path, tmp_path, monkeypatch):
+@pytest.mark.parametrize("args,path,prom_path", [
+    (["--gpus", "2"], "docker-compose.yml", "deploy/prometheus/prometheus.compose.yml"),
+    (["--cpu", "--workers", "2"], "docker-compose.cpu.yml", "deploy/prometheus/prometheus.compose.cpu.yml")])
+def test_compose_files_are_current_and_valid(args, path, prom_path, tmp_path, monkeypatch):
     committed = (ROOT / path).read_text()
-    prom = (ROOT / "deploy/prometheus/prometheus.compose.yml").read_text()
+    prom = (ROOT / prom_path).read_text()
     monkeypatch.setattr(compose, "ROOT", tmp_path)
     (tmp_path / "deploy" / "prometheus").mkdir(parents=True)
     compose.main(args)
     assert (tmp_path / path).read_text() == committed, f"{path} is stale: run python -m deploy.compose {' '.join(args)}"
-    assert (tmp_path / "deploy/prometheus/prometheus.compose.yml").read_text() == prom
+    assert (tmp_path / prom_path).read_text() == prom
     r = subprocess.run([tool("docker-compose"), "-f", str(ROOT / path), "config", "-q"], capture_output=True,
                        text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 0, r.stderr
+    r = subprocess.run([tool("promtool"), "check", "config", str(ROOT / prom_path)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_each_gpu_worker_is_pinned_to_its_own_device_and_images_are_variables():
@@ -65,11 +69,6 @@ def test_dockerfile_passes_hadolint():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_compose_prometheus_config_passes_promtool():
-    r = subprocess.run([tool("promtool"), "check", "config", str(ROOT / "deploy/prometheus/prometheus.compose.yml")],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stdout + r.stderr
-
 
 def test_kubernetes_manifests_render_and_validate(tmp_path):
     rendered = subprocess.run([tool("kubectl"), "kustomize", str(ROOT / "deploy/k8s")], capture_output=True,
@@ -91,3 +90,17 @@ def test_kubernetes_manifests_render_and_validate(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     dashboard = (ROOT / "grafana/dashboards/prefixroute.json").read_text()
     assert (ROOT / "deploy/k8s/dashboards/prefixroute.json").read_text() == dashboard  # python grafana/build.py
+
+
+def test_readme_configuration_reference_is_current_and_covers_every_setting():
+    from deploy import settings_doc
+    from router.settings import RouterSettings
+    from worker.settings import WorkerSettings
+
+    readme = (ROOT / "README.md").read_text()
+    assert settings_doc.render(readme) == readme, "stale: python -m deploy.settings_doc"
+    ref = settings_doc.reference()
+    for model in (RouterSettings, WorkerSettings):
+        prefix = model.model_config["env_prefix"]
+        assert all(f"`{prefix}{name.upper()}`" in ref for name in model.model_fields)
+    assert "| `prefix_tokens` | `--prefix-tokens` | `PREFIXROUTE_ROUTER_PREFIX_TOKENS` | `256` |" in ref
