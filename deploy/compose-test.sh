@@ -10,7 +10,9 @@
 # the compose file reads. Grafana cannot be pulled or installed here and is not started (its dashboards are
 # proven against a real Prometheus by tests/integration/test_observability.py). Set PREFIXROUTE_TEST_BASE,
 # REDIS_IMAGE and PROMETHEUS_IMAGE to use images you already have. Starts dockerd when none runs (and stops it).
+# `deploy/compose-test.sh build` builds the images only (CI builds them while the tests run).
 set -euo pipefail
+phase=${1:-all}
 cd "$(dirname "$0")/.."
 t0=$(date +%s)
 say() { echo "compose-test [$(( $(date +%s) - t0 )) s]: $*" >&2; }
@@ -41,7 +43,7 @@ cleanup() {
     wait "$dockerd_pid" 2>/dev/null || true
   fi
   rm -rf "$tmp"
-  [ "$rc" = 0 ] && say "passed in $(( $(date +%s) - t0 )) s" || say "FAILED (exit $rc)"
+  [ "$rc" = 0 ] && say "$phase: passed in $(( $(date +%s) - t0 )) s" || say "$phase: FAILED (exit $rc)"
   exit "$rc"
 }
 trap cleanup EXIT
@@ -104,6 +106,8 @@ index=()
 [ -n "$(docker run --rm "$base" sh -c 'ls /opt/wheels 2>/dev/null')" ] && index=(--build-arg TORCH_INDEX_URL=)
 docker build -q -f deploy/docker/Dockerfile --build-arg "BASE=$base" "${index[@]}" -t "$PREFIXROUTE_CPU_IMAGE" . \
   >/dev/null
+
+[ "$phase" = build ] && exit 0
 
 # 4. Up (everything but grafana), on free ports, then the checks through the published ports.
 free_port() { "$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }

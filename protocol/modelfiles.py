@@ -6,8 +6,12 @@ template to compute routing keys); nothing here imports torch itself.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.metadata
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +56,48 @@ def pretrained_args(path: Path) -> tuple[str, dict[str, Any]]:
     return (str(path.parent), {"gguf_file": path.name}) if path.is_file() else (str(path), {})
 
 
+def tokenizer_cache_dir(path: Path) -> Path | None:
+    """Where a GGUF file's converted tokenizer is kept: named by the file's path, size and mtime, under
+    PREFIXROUTE_CACHE_DIR (default ~/.cache/prefixroute). None for a model directory (nothing to convert)."""
+    if not path.is_file():
+        return None
+    st = path.stat()
+    tag = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    root = os.environ.get("PREFIXROUTE_CACHE_DIR") or Path.home() / ".cache" / "prefixroute"
+    return Path(root) / "tokenizers" / tag
+
+
 def load_tokenizer(path: Path) -> Any:
+    """The model's tokenizer and chat template. Converting a GGUF file's vocabulary takes transformers about 20 s
+    on a small CPU, paid by every router and worker start; the converted tokenizer is cached (best effort: a
+    read-only home just converts every time) and loads in well under a second."""
     from transformers import AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: only local files are served
-    src, kw = pretrained_args(path)
-    tokenizer = AutoTokenizer.from_pretrained(src, **kw)
+    cache = tokenizer_cache_dir(path)
+    tokenizer = None
+    if cache is not None and (cache / "tokenizer_config.json").exists():
+        with contextlib.suppress(Exception):  # a damaged cache entry is converted again
+            tokenizer = AutoTokenizer.from_pretrained(str(cache))
+    if tokenizer is None:
+        src, kw = pretrained_args(path)
+        tokenizer = AutoTokenizer.from_pretrained(src, **kw)
+        if cache is not None:
+            _save(tokenizer, cache)
     if tokenizer.chat_template is None:
         raise ModelNotFound(f"{path} has no chat template; /v1/chat/completions needs one")
     return tokenizer
+
+
+def _save(tokenizer: Any, cache: Path) -> None:
+    """Written beside, then renamed into place: processes starting together never read half an entry."""
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".tmp-"))
+        tokenizer.save_pretrained(str(tmp))
+        try:
+            tmp.rename(cache)
+        except OSError:  # another process got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        pass

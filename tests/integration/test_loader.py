@@ -63,3 +63,20 @@ def test_local_hf_directory_serves_with_prefix_cache(loaded_model, tmp_path):
         engine.stop()
     assert results[0][0] == 0 and results[1][0] == (len(ids) - 1) // 8 * 8
     assert results[0][1] == results[1][1]
+
+
+def test_a_gguf_tokenizer_is_converted_once_then_loaded_from_the_cache(tmp_path, monkeypatch):
+    from protocol.modelfiles import load_tokenizer, tokenizer_cache_dir
+
+    monkeypatch.setenv("PREFIXROUTE_CACHE_DIR", str(tmp_path))
+    path = default_model_path()
+    entry = tokenizer_cache_dir(path)
+    assert entry is not None and entry.parent.parent == tmp_path and not entry.exists()
+    converted = load_tokenizer(path)
+    assert (entry / "tokenizer.json").exists()
+    cached = load_tokenizer(path)  # from the entry now
+    text = "<|im_start|>system\nYou are a baker.<|im_end|>\nHow much is bread? 12,5 € — ok"
+    assert cached(text).input_ids == converted(text).input_ids
+    assert cached.chat_template == converted.chat_template and cached.eos_token_id == converted.eos_token_id
+    assert cached.all_special_ids == converted.all_special_ids
+    assert tokenizer_cache_dir(tmp_path) is None  # a model directory needs no conversion
