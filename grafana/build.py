@@ -87,6 +87,11 @@ PANELS: list[tuple[str, str, str, str, list[tuple[str, str]]]] = [
      # "or vector(0)": a healthy cluster shows a flat 0, not "no data"
      [("upstream errors", f"sum({rate('prefixroute_router_upstream_errors_total')}) or vector(0)"),
       ("rejected {{status}}", f"sum by (status) ({rate('prefixroute_router_rejected_total')})")]),
+    ("Admission: refusals and the router queue", "Requests refused with 429 (Retry-After) by reason: every worker "
+     "at its queue limit, or a tenant over its limits; requests waiting in the router for a worker with room.",
+     "timeseries", "short",
+     [("429 {{reason}}", f"sum by (reason) ({rate('prefixroute_router_admission_rejected_total')})"),
+      ("waiting in the router", "sum(prefixroute_router_admission_waiting)")]),
     ("Workers up and Redis", "Workers on the ring; 1 when the router reaches Redis.", "timeseries", "short",
      [("workers on the ring", "max(prefixroute_router_workers_active)"),
       ("redis up", "min(prefixroute_router_redis_up)")]),

@@ -100,6 +100,19 @@ def start_sim_workers(n: int, *args: str, log: IO[bytes] | None = None) -> tuple
     return urls, proc
 
 
+def start_sim_processes(k: int, *args: str) -> list[tuple[str, subprocess.Popen]]:
+    """`k` one-worker sim processes started together (each can be killed alone), on free ports."""
+    started = []
+    for _ in range(k):
+        port = free_port()
+        proc = _spawn(["-m", "worker", "--backend", "sim", "--host", "127.0.0.1", "--port", str(port), *args], None,
+                      None)
+        started.append((f"http://127.0.0.1:{port}", proc))
+    for url, proc in started:
+        _started([url], proc, 120)
+    return started
+
+
 def start_router(workers: list[str], *args: str, env: dict[str, str] | None = None, wait_path: str = "/health",
                  log: IO[bytes] | None = None, module: str = "router") -> tuple[str, subprocess.Popen]:
     port = free_port()

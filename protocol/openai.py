@@ -87,6 +87,11 @@ class _SamplingFields(_Strict):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def prefix_version(self, header: str | None) -> str | None:
+        """The prompt's prefix version (for hit stats by rollout): the `x-prefix-version` header, else
+        `metadata.prefix_version`."""
+        return header or (self.metadata or {}).get("prefix_version")
+
 
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]

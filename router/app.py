@@ -16,6 +16,7 @@ from protocol.http import metrics_response, openai_app, parse_model, read_json
 from protocol.openai import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now
 from protocol.redis import redis_client
 from protocol.statskeys import H_EXPECTED, H_KEY, H_TENANT, H_VERSION, Keys, label
+from router.admission import Admission
 from router.metrics import RouterMetrics
 from router.policies import Policy, make_policy
 from router.prefix import PrefixKeyer, RouteKeys
@@ -49,6 +50,8 @@ class Router:
         self.tenants = Tenants(settings.tenants, settings.open_tenant_secret.get_secret_value())
         self.admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
         self.metrics = RouterMetrics(self.pool)
+        self.admission = Admission.from_settings(settings, self.pool, self._refused)
+        self.metrics.admission_waiting.set_function(lambda: self.admission.waiting)
         self.client: aiohttp.ClientSession | None = None
         self.proxy: Proxy | None = None
         self._health_task: asyncio.Task | None = None
@@ -59,6 +62,8 @@ class Router:
         self.stats_keys = Keys(settings.stats_namespace)
         self.metrics.watch_sharing(self)
         self.created = now()
+        self.draining = False
+        self._cut: asyncio.TimerHandle | None = None
 
     def app(self) -> web.Application:
         app = openai_app(self, self.settings.max_body_bytes)
@@ -69,6 +74,7 @@ class Router:
         app.router.add_post("/admin/route", self.admin_route)
         app.router.add_get("/admin/stats", self.admin_stats)
         app.on_startup.append(self._start)
+        app.on_shutdown.append(self._drain)
         app.on_cleanup.append(self._stop)
         return app
 
@@ -109,7 +115,19 @@ class Router:
                 log.warning("could not load the shared routing state (%s)", type(exc).__name__)
         self._share_task = asyncio.create_task(self.shared.run())
 
+    async def _drain(self, app: web.Application) -> None:
+        """SIGTERM: listening has stopped and aiohttp waits for the requests in flight; those still running after
+        the grace period are cut, each ending with an error its client sees."""
+        self.draining = True
+        log.info("shutting down: %d request(s) in flight get %.0f s", self.pool.total_inflight,
+                 self.settings.shutdown_grace_s)
+        if self.proxy is not None:
+            proxy = self.proxy
+            self._cut = asyncio.get_running_loop().call_later(self.settings.shutdown_grace_s, proxy.cut_all)
+
     async def _stop(self, app: web.Application) -> None:
+        if self._cut is not None:
+            self._cut.cancel()
         for task in (self._health_task, self._redis_task, self._share_task):
             if task:
                 task.cancel()
@@ -147,12 +165,32 @@ class Router:
             self.metrics.rejected.labels(str(exc.status)).inc()
             raise
 
+    def _refused(self, reason: str) -> None:
+        self.metrics.admission_rejected.labels(reason).inc()
+        self.metrics.rejected.labels("429").inc()
+
     async def _route(self, request: web.Request, path: str, model_cls) -> web.StreamResponse:
         tenant, req, keys = await self._parse(request, model_cls)
+        admission = self.admission
+        gate = admission.enter(tenant.id, keys.prompt_tokens)
+        try:
+            await admission.wait_for_room()
+            return await self._forward(request, path, tenant, req, keys)
+        finally:
+            admission.leave(gate)
+            admission.released()
+
+    async def _forward(self, request: web.Request, path: str, tenant: Tenant, req: Any,
+                       keys: RouteKeys) -> web.StreamResponse:
         m = self.metrics
         m.tokenize.observe(keys.tokenize_s)
         m.prefix_tokens.observe(keys.prefix_tokens)
         decision = self.policy.choose(keys, self.pool)
+        cap = self.pool.max_inflight
+        if cap is not None and self.pool.inflight(decision.worker) >= cap:
+            # A policy blind to the bound (cache_aware honours it) chose a full worker: the least loaded with room.
+            decision.worker = min(self.pool.active, key=self.pool.inflight)
+            decision.reason = "load"
         m.fanout.observe(decision.fanout)
         if decision.fanout > 1:
             m.spills.inc()
@@ -163,8 +201,8 @@ class Router:
         raw = (await request.read()).rstrip()
         body = raw[:-1] + b',"cache_salt":"' + salt.encode() + b'"}'
         tags = {H_KEY: keys.short, H_TENANT: tenant.id,
-                H_EXPECTED: str(decision.context - decision.prefill) if decision.context else "0"}
-        version = label(request.headers.get(H_VERSION) or (req.metadata or {}).get("prefix_version"))
+                H_EXPECTED: str(max(0, decision.context - decision.prefill))}
+        version = label(req.prefix_version(request.headers.get(H_VERSION)))
         if version is not None:
             tags[H_VERSION] = version
         return await self.proxy.forward(request, path, body, decision, {H_KEY: keys.short}, tags)
@@ -176,8 +214,9 @@ class Router:
 
     async def health(self, request: web.Request) -> web.Response:
         n = len(self.pool.active)
-        return web.json_response({"status": "ok" if n else "no healthy worker", "workers": n,
-                                  "redis": self.redis.status}, status=200 if n else 503)
+        status = "shutting down" if self.draining else "ok" if n else "no healthy worker"
+        return web.json_response({"status": status, "workers": n, "redis": self.redis.status},
+                                 status=200 if n and not self.draining else 503)
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return metrics_response(self.metrics.registry)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from router.admission import REASONS as ADMISSION_REASONS
 from router.workers import WorkerPool
 
 _FAST_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05)
@@ -73,6 +74,13 @@ class RouterMetrics:
                                   buckets=_FAST_BUCKETS, registry=r)
         self.prefix_tokens = Histogram("prefixroute_router_prefix_tokens", "Tokens hashed into the routing key",
                                        buckets=(16, 32, 64, 128, 256, 512, 1024), registry=r)
+        self.admission_rejected = Counter("prefixroute_router_admission_rejected",
+                                          "Requests refused with 429 by admission control, by reason", ["reason"],
+                                          registry=r)
+        for reason in ADMISSION_REASONS:
+            self.admission_rejected.labels(reason)  # every series exists from the start, at 0
+        self.admission_waiting = Gauge("prefixroute_router_admission_waiting",
+                                       "Requests waiting in the router for a worker with room", registry=r)
         r.register(_PoolCollector(pool))
         pool.on_remove.append(self.forget_worker)
 

@@ -1,7 +1,8 @@
 """Forwarding to a worker over one pooled aiohttp client session: SSE passed through chunk by chunk, failover
-to the next candidate when a worker cannot be reached or answers 502/503 before anything was streamed, never
-after. Each of those failures counts towards the worker's failure threshold (a refused connection reaches it at
-once); consecutive failures at the threshold take the worker off the ring until a health probe brings it back.
+to the next candidate when a worker cannot be reached, answers 502/503 or fails before its first data chunk
+(nothing has reached the client yet), never after. Each of those failures counts towards the worker's failure
+threshold (a refused connection reaches it at once); consecutive failures at the threshold take the worker off
+the ring until a health probe brings it back.
 
 Why aiohttp and not httpx here: under 64 concurrent requests httpcore's pool re-checks every pooled connection
 (getpeername, readability) on each request; that took 68% of the router's CPU and capped it near 350 requests/s
@@ -18,7 +19,7 @@ import time
 import aiohttp
 from aiohttp import web
 
-from protocol.errors import APIError, error_body
+from protocol.errors import APIError
 from protocol.http import SSE_DONE, sse
 from router.metrics import RouterMetrics
 from router.policies import Decision
@@ -36,11 +37,34 @@ class Proxy:
         self.pool = pool
         self.metrics = metrics
         self.max_failover = max_failover
+        self._tasks: set[asyncio.Task] = set()  # the handlers forwarding now (cut when shutdown's grace ends)
+        self.shutting_down = False
+
+    def cut_all(self) -> int:
+        """Shutdown's grace period is over: cancel every request still forwarding. Each handler catches that and
+        ends its client's answer with an error the client sees (a 503 body, or an error event and [DONE])."""
+        self.shutting_down = True
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        return len(tasks)
+
+    def _cut(self) -> bool:
+        """In a CancelledError handler: True when the cancel is shutdown's cut (and is consumed), False when it is
+        a client that left or the loop stopping (re-raise)."""
+        task = asyncio.current_task()
+        if not self.shutting_down or task is None:
+            return False
+        task.uncancel()
+        return True
 
     async def forward(self, request: web.Request, path: str, body: bytes, decision: Decision,
                       extra_headers: dict[str, str], upstream_headers: dict[str, str] | None = None
                       ) -> web.StreamResponse:
-        """`extra_headers` go back to the client; `upstream_headers` go to the worker with the body."""
+        """`extra_headers` go back to the client; `upstream_headers` go to the worker with the body.
+
+        Nothing goes to the client before the worker's first data chunk (its first token, after prefill), so a
+        worker that fails during prefill is retried on the next candidate without the client noticing."""
         up_headers = {**_JSON, **upstream_headers} if upstream_headers else _JSON
         candidates = [decision.worker] + decision.fallbacks(self.max_failover)
         route = decision.reason
@@ -55,68 +79,89 @@ class Proxy:
             # (a non-streamed answer holds it to the end), its context until the end.
             self.pool.acquire(name, decision.prefill, decision.context)
             pending = [decision.prefill]
+            up: aiohttp.ClientResponse | None = None
+            task = asyncio.current_task()
+            self._tasks.add(task)  # type: ignore[arg-type]
             try:
                 t0 = time.perf_counter()
                 try:
                     up = await self.client.post(w.url + path, data=body, headers=up_headers)
+                    if up.status in _RETRYABLE_STATUS:
+                        self.metrics.upstream_errors.labels(name, str(up.status)).inc()
+                        self.pool.mark_failed(name)
+                        last_error = f"worker answered {up.status}"
+                        continue
+                    first = b""
+                    if up.headers.get("content-type", "").startswith("text/event-stream"):
+                        first = await up.content.readany()
+                        if not first:
+                            raise aiohttp.ServerDisconnectedError("the stream ended before its first chunk")
                 except (aiohttp.ClientConnectorError, aiohttp.ServerTimeoutError, asyncio.TimeoutError,
-                        aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+                        aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:
                     kind = "connect" if isinstance(exc, aiohttp.ClientConnectorError) else "transport"
                     self.metrics.upstream_errors.labels(name, kind).inc()
                     self.pool.mark_failed(name, immediate=kind == "connect")
                     last_error = f"worker unreachable ({type(exc).__name__})"
                     continue
                 self.metrics.upstream_latency.labels(name).observe(time.perf_counter() - t0)
-                if up.status in _RETRYABLE_STATUS:
-                    up.release()
-                    self.metrics.upstream_errors.labels(name, str(up.status)).inc()
-                    self.pool.mark_failed(name)
-                    last_error = f"worker answered {up.status}"
-                    continue
                 w.fails = 0  # failures count only when consecutive
                 headers = {"x-prefixroute-worker": name, "x-prefixroute-route": route, **extra_headers}
-                resp = await self._relay(request, name, up, headers, pending)
+                resp = await self._relay(request, name, up, headers, pending, first)
                 self.metrics.requests.labels(route, name, str(up.status)).inc()
                 return resp
+            except asyncio.CancelledError:
+                if not self._cut():
+                    raise
+                self.metrics.rejected.labels("503").inc()
+                raise APIError(503, "The router is shutting down; retry the request.",
+                               code="server_shutting_down") from None
             finally:
+                self._tasks.discard(task)  # type: ignore[arg-type]
                 self.pool.release(name, pending[0], decision.context)
+                if up is not None:
+                    # A fully read answer returns its connection to the pool; anything else (a failure, a client
+                    # that left, a cancelled handler) closes it, which makes the worker abort the request.
+                    up.release() if up.content.at_eof() else up.close()
         self.metrics.rejected.labels("502").inc()
         raise APIError(502, f"Upstream failure: {last_error}; tried {len(candidates)} worker(s).",
                        code="upstream_unavailable")
 
     async def _relay(self, request: web.Request, name: str, up: aiohttp.ClientResponse,
-                     headers: dict[str, str], pending: list[int]) -> web.StreamResponse:
+                     headers: dict[str, str], pending: list[int], first: bytes) -> web.StreamResponse:
         ctype = up.headers.get("content-type", "application/json")
         headers["content-type"] = ctype
-        if not ctype.startswith("text/event-stream"):
+        if not first:
             try:
                 data = await up.read()
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 self.metrics.upstream_errors.labels(name, "read").inc()
                 raise APIError(502, f"Upstream failure while reading the answer ({type(exc).__name__}).",
                                code="upstream_error") from None
-            finally:
-                up.release()
             return web.Response(body=data, status=up.status, headers=headers)
+        self.pool.prefilled(name, pending[0])
+        pending[0] = 0
         out = web.StreamResponse(status=up.status, headers={**headers, "Cache-Control": "no-cache"})
         await out.prepare(request)
         try:
+            await out.write(first)
             async for chunk in up.content.iter_any():
-                if pending[0]:
-                    self.pool.prefilled(name, pending[0])
-                    pending[0] = 0
                 await out.write(chunk)
         except ConnectionResetError:
             return out  # the client left; closing the upstream connection makes the worker abort the request
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (aiohttp.ClientError, asyncio.TimeoutError, asyncio.CancelledError) as exc:
             # Bytes are out: no retry. End the stream with an error event the client can see.
-            log.warning("upstream stream from %s broke: %s", name, type(exc).__name__)
-            self.metrics.upstream_errors.labels(name, "mid_stream").inc()
+            if isinstance(exc, asyncio.CancelledError):
+                if not self._cut():
+                    raise
+                err = APIError(503, "The router shut down before the answer was complete; retry the request.",
+                               code="server_shutting_down")
+            else:
+                log.warning("upstream stream from %s broke: %s", name, type(exc).__name__)
+                self.metrics.upstream_errors.labels(name, "mid_stream").inc()
+                err = APIError(502, "Upstream worker failed mid-stream.", code="upstream_error")
             with contextlib.suppress(ConnectionResetError):
-                await out.write(sse(error_body(502, "Upstream worker failed mid-stream.", code="upstream_error")))
+                await out.write(sse(err.body()))
                 await out.write(SSE_DONE)
-        finally:
-            up.close() if not up.content.at_eof() else up.release()
         with contextlib.suppress(ConnectionResetError):  # the client may leave after the last byte
             await out.write_eof()
         return out

@@ -42,6 +42,10 @@ def serve(argv: list[str] | None) -> int:
     # full collection walks them all (about 15% of the router's CPU under load).
     gc.collect()
     gc.freeze()
+    # handler_cancellation: a client that disconnects cancels its handler, which closes the upstream connection,
+    # which makes the worker abort the request (a non-streamed one would otherwise generate to max_tokens).
+    # On SIGTERM aiohttp stops listening and waits for handlers; Router.app ends them after the grace period.
     web.run_app(router.app(), host=settings.host, port=settings.port, print=None, access_log=None,
-                reuse_port=settings.processes > 1, loop=loop_factory() if loop_factory else None)
+                reuse_port=settings.processes > 1, loop=loop_factory() if loop_factory else None,
+                handler_cancellation=True, shutdown_timeout=settings.shutdown_grace_s + 5)
     return 0

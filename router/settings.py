@@ -22,6 +22,10 @@ class TenantConfig(BaseModel):
     # Keys routing and the upstream cache salt. Tenants sharing a secret share cache blocks: that is the
     # explicit opt-in; by default every tenant's secret differs.
     secret: SecretStr
+    # Admission limits (router.admission); past one the tenant's requests get 429 with Retry-After.
+    max_concurrency: int | None = Field(None, ge=1, description="requests in flight at once")
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1, description="prompt tokens per minute")
 
 
 class WorkerConfig(BaseModel):
@@ -76,6 +80,13 @@ class RouterSettings(BaseSettings):
     prefill_weight: float = Field(32.0, ge=0.0, description="weight of the tokens a worker would have to prefill")
     decode_weight: float = Field(0.01, ge=0.0, description="weight of the context tokens a worker's in-flight "
                                  "requests hold, against its queued prefill tokens")
+    # admission (router.admission)
+    max_queue_per_worker: int | None = Field(None, ge=1, description="requests in flight (running + waiting) a "
+                                             "worker may have; past it on every worker, 429 with Retry-After. "
+                                             "Unset: no bound")
+    queue_wait_s: float = Field(1.0, ge=0, description="how long a request may wait in the router for a worker "
+                                "below max_queue_per_worker before its 429")
+    max_queued_requests: int = Field(1024, ge=0, description="requests waiting in the router at most; more: 429")
     # tenants
     tenants: list[TenantConfig] = Field(default_factory=list, description="{id, api_key, secret} each; none: open "
                                         "mode, one tenant, no API key")
@@ -91,6 +102,8 @@ class RouterSettings(BaseSettings):
     max_failover: int = Field(2, ge=0, description="other workers tried when one fails before streaming")
     max_connections: int = Field(4096, ge=1, description="upstream connections open at once; more requests queue")
     max_body_bytes: int = Field(32 << 20, ge=1024, description="larger request bodies get 413")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM: stop accepting, give requests in flight this "
+                                    "long, then end them with an error the client sees (503 or an error event)")
     # Redis: the hit stats workers publish (/admin/stats)
     redis_url: str | None = Field(None, description="the Redis the workers publish hit stats to")
     stats_namespace: str = Field("prefixroute", pattern=r"^[A-Za-z0-9_.\-]{1,64}$",
@@ -146,11 +159,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--index-tokens-per-worker", type=int)
     p.add_argument("--index-block-bytes", type=int)
     p.add_argument("--admin-key")
+    p.add_argument("--max-queue-per-worker", type=int, help="requests in flight per worker before 429 (unset: none)")
+    p.add_argument("--queue-wait-s", type=float, help="seconds a request may wait for a worker with room")
+    p.add_argument("--max-queued-requests", type=int, help="requests waiting in the router at most")
     p.add_argument("--redis-url", help="the Redis the workers publish hit stats to (redis://host:port/db)")
     p.add_argument("--stats-namespace")
     p.add_argument("--no-share-state", dest="share_state", action="store_const", const=False,
                    help="with Redis: keep routing state local (no sharing with other replicas)")
     p.add_argument("--no-discover-workers", dest="discover_workers", action="store_const", const=False)
+    p.add_argument("--shutdown-grace-s", type=float, help="seconds requests in flight get after SIGTERM")
     p.add_argument("--log-level")
     return p
 

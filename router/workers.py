@@ -63,6 +63,7 @@ class WorkerPool:
         self.active_inflight = 0  # requests on the workers of `active` (the ring): what a load bound averages
         self.on_remove: list[Callable[[str], None]] = []
         self.on_cache_size: list[Callable[[str, int], None]] = []  # a worker told its cache's size in tokens
+        self.max_inflight: int | None = None  # admission's per-worker bound (router.admission); policies honour it
 
     # ---- PoolView -----------------------------------------------------------------------------------------
 

@@ -109,7 +109,10 @@ async def serve(servers: list[WorkerServer]) -> None:
     client = redis_client(settings.redis_url) if settings.redis_url else None
     try:
         for srv in servers:
-            r = web.AppRunner(srv.app(), access_log=None)
+            # handler_cancellation: a client (or router) that disconnects cancels its handler, which aborts the
+            # request in the engine, streamed or not. The shutdown timeout covers the grace period below.
+            r = web.AppRunner(srv.app(), access_log=None, handler_cancellation=True,
+                              shutdown_timeout=srv.settings.shutdown_grace_s + 10)
             await r.setup()
             await web.TCPSite(r, srv.settings.host, srv.settings.port).start()
             runners.append(r)
@@ -118,14 +121,27 @@ async def serve(servers: list[WorkerServer]) -> None:
                 tasks.append(asyncio.create_task(srv.stats.run()))
         await stop.wait()
     finally:
+        # Graceful: refuse new requests (503, which a router retries elsewhere) and leave Redis first, so routers
+        # stop sending here; then stop listening and give the requests in flight the grace period; past it the
+        # engine stops and each ends with an error its client sees.
+        for srv in servers:
+            srv.draining = True
         for t in tasks:
             t.cancel()
         for srv in servers:
             if srv.stats is not None:
                 await srv.stats.close()
-        for r in runners:
-            with contextlib.suppress(Exception):
-                await r.cleanup()
+        grace = settings.shutdown_grace_s
+        n = sum(srv.engine.num_running + srv.engine.num_waiting for srv in servers)
+        log.info("shutting down: %d request(s) in flight get %.0f s", n, grace)
+        stoppers: list[asyncio.Future] = []
+        timer = loop.call_later(grace, lambda: stoppers.extend(
+            asyncio.ensure_future(asyncio.to_thread(srv.engine.stop)) for srv in servers))
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*(r.cleanup() for r in runners))
+        timer.cancel()
+        if stoppers:
+            await asyncio.gather(*stoppers)
         if client is not None:
             with contextlib.suppress(Exception):
                 await client.aclose()

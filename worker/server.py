@@ -32,7 +32,7 @@ from protocol.openai import (
 )
 from protocol.prompt import prompt_text
 from protocol.statskeys import H_EXPECTED, H_KEY, H_TENANT, H_VERSION, BoundedLabels, label
-from worker.engine.engine import Engine
+from worker.engine.engine import SHUTTING_DOWN, Engine
 from worker.engine.loader import LoadedModel
 from worker.engine.sampling import SamplingParams
 from worker.engine.sequence import SeqEvent, Sequence
@@ -70,6 +70,7 @@ class WorkerServer:
         self.tenant_label = BoundedLabels(64)
         self.version_label = BoundedLabels(64)
         self.created = now()
+        self.draining = False  # shutting down: new requests get 503 (a router retries them elsewhere)
 
     def gauges(self) -> dict[str, int]:
         """The engine's live state, as the stats in Redis carry it."""
@@ -93,9 +94,10 @@ class WorkerServer:
         return web.json_response(ModelList(data=[card]).model_dump())
 
     async def health(self, request: web.Request) -> web.Response:
-        alive = self.engine.alive
         e = self.engine
-        body = {"status": "ok" if alive else "engine stopped", "running": e.num_running, "waiting": e.num_waiting,
+        alive = e.alive and not self.draining
+        status = "shutting down" if self.draining else "ok" if e.alive else "engine stopped"
+        body = {"status": status, "running": e.num_running, "waiting": e.num_waiting,
                 # what a router's prefix index sizes this worker's cache by
                 "cache_capacity_tokens": e.cache.capacity_bytes // e.runner.kv_bytes_per_token}
         return web.json_response(body, status=200 if alive else 503)
@@ -131,6 +133,8 @@ class WorkerServer:
             req.check_supported()
             self._check_model(req.model)
             prep = await asyncio.to_thread(self._prepare, req)
+            if self.draining:
+                raise APIError(503, "The worker is shutting down; retry on another.", code="server_shutting_down")
             if self.engine.num_waiting >= self.settings.max_waiting:
                 raise APIError(503, "Worker is overloaded; retry later.", code="overloaded")
         except APIError as exc:
@@ -147,6 +151,9 @@ class WorkerServer:
                 resp = await self._stream(request, endpoint, req, stream)
             else:
                 resp = await self._complete(endpoint, req, stream)
+        except asyncio.CancelledError:  # the client disconnected (handler cancellation)
+            self.metrics.requests.labels(endpoint, "499").inc()
+            raise
         finally:
             if not stream.done:  # client went away or the handler failed: free the engine slot
                 self.engine.abort(seq)
@@ -160,7 +167,7 @@ class WorkerServer:
             expected = int(h.get(H_EXPECTED, ""))
         except ValueError:
             expected = None
-        version = h.get(H_VERSION) or (req.metadata or {}).get("prefix_version")
+        version = req.prefix_version(h.get(H_VERSION))
         return _Tags(self.stats, self.tenant_label(h.get(H_TENANT)), self.version_label(version), label(h.get(H_KEY)),
                      expected)
 
@@ -210,8 +217,8 @@ class WorkerServer:
             parts.append(ev.text)
         last = stream.last
         if last.error:
-            return web.json_response(APIError(500, f"Generation failed: {last.error}.", code="engine_error").body(),
-                                     status=500)
+            err = _engine_error(last.error)
+            return web.json_response(err.body(), status=err.status)
         usage = make_usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
         text = "".join(parts)
         if endpoint == "chat":
@@ -244,7 +251,7 @@ class WorkerServer:
                     await resp.write(sse(chunk(None, None, first=True)))
                     role_sent = True
                 if ev.error:
-                    await resp.write(sse(APIError(500, f"Generation failed: {ev.error}.", code="engine_error").body()))
+                    await resp.write(sse(_engine_error(ev.error).body()))
                     break
                 if ev.text or ev.finished:
                     await resp.write(sse(chunk(ev.text if ev.text or endpoint != "chat" else None, ev.finish_reason)))
@@ -261,6 +268,13 @@ class WorkerServer:
         except ConnectionResetError:
             stream.client_gone = True  # _serve aborts the sequence and records 499 (nginx's "client closed")
         return resp
+
+
+def _engine_error(error: str) -> APIError:
+    if error == SHUTTING_DOWN:
+        return APIError(503, "The worker shut down before the answer was complete; retry the request.",
+                        code="server_shutting_down")
+    return APIError(500, f"Generation failed: {error}.", code="engine_error")
 
 
 class _EventStream:

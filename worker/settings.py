@@ -29,6 +29,8 @@ class WorkerSettings(BaseSettings):
     max_waiting: int = Field(1024, ge=0, description="queued requests beyond which new ones get 503")
     cache_generated: bool = Field(True, description="also cache blocks of generated tokens (multi-turn hits)")
     max_body_bytes: int = Field(32 << 20, ge=1024, description="larger request bodies get 413")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM: stop accepting, leave Redis, give requests "
+                                    "in flight this long, then end them with an error the client sees")
     log_level: str = Field("info", description="debug, info, warning or error")
     backend: Literal["model", "sim"] = Field("model", description="the real model, or the GPU cost model (sim)")
     sim_profile: str = Field("h100-llama3-8b", description="sim: GPU and model whose service times are modelled")
@@ -91,6 +93,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stats-namespace")
     p.add_argument("--stats-interval-s", type=float)
     p.add_argument("--advertise-url", help="the URL routers reach this worker at (default http://host:port)")
+    p.add_argument("--shutdown-grace-s", type=float, help="seconds requests in flight get after SIGTERM")
     return p
 
 

@@ -66,6 +66,7 @@ class PoolView(Protocol):
     ring: Ring
     active: list[str]
     active_inflight: int
+    max_inflight: int | None  # a worker at this many requests in flight is full (admission control)
 
     def inflight(self, name: str) -> int: ...
 

@@ -100,6 +100,8 @@ class CacheAware:
             return min(keys.tokens_through(blocks), max(0, total - 1))
 
         bound = math.ceil(self.c * (pool.active_inflight + 1) / n) + self.s
+        if pool.max_inflight is not None:
+            bound = min(bound, pool.max_inflight)
         now = self.rates.clock()
         pw = self.prefill_weight
         pick, best, pick_hit = "", (math.inf, 0, 0.0), 0

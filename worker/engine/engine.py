@@ -20,6 +20,7 @@ from worker.engine.sampling import Sampler
 from worker.engine.scheduler import Scheduler
 from worker.engine.sequence import Sequence, Status, TextState
 
+SHUTTING_DOWN = "worker shutting down"  # the error of every sequence still in the engine when it stops
 log = logging.getLogger("prefixroute.worker.engine")
 
 
@@ -101,7 +102,7 @@ class Engine:
                 for seq in list(self.scheduler.running):
                     self._finish(seq, error=f"{type(exc).__name__} in the engine")
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-            self._finish(seq, error="worker shutting down")
+            self._finish(seq, error=SHUTTING_DOWN)
 
     def _drain_inbox(self) -> None:
         while True:

@@ -1,0 +1,167 @@
+"""Admission control. A request gets in while its tenant is within its limits (requests in flight, requests and
+prompt tokens per minute: token buckets) and some worker is below the per-worker bound on requests in flight
+(`max_queue_per_worker`, running + waiting as this router counts them). Past a tenant limit it is refused at
+once; when every worker is full it waits in a bounded router queue (`max_queued_requests`, at most
+`queue_wait_s`) for a slot and is refused after that. A refusal is a 429 with `Retry-After` and OpenAI's
+`rate_limit_exceeded` body, so clients back off instead of piling on queues that only grow (SGLang's gateway
+answers 429 without Retry-After, Dynamo 529)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from protocol.errors import APIError
+from router.settings import RouterSettings, TenantConfig
+from router.workers import WorkerPool
+
+REASONS = ("queue_full", "tenant_concurrency", "tenant_requests", "tenant_tokens")
+
+
+class TokenBucket:
+    """`per_minute` units a minute, refilled continuously, holding at most a minute's worth."""
+
+    __slots__ = ("rate", "capacity", "level", "t")
+
+    def __init__(self, per_minute: float, now: float):
+        self.rate = per_minute / 60.0
+        self.capacity = float(per_minute)
+        self.level = float(per_minute)
+        self.t = now
+
+    def wait_for(self, n: float, now: float) -> float:
+        """Seconds until `n` units are there (0: now). A request larger than a minute's worth waits for a full
+        bucket, so it is slow but never refused for ever."""
+        self.level = min(self.capacity, self.level + (now - self.t) * self.rate)
+        self.t = now
+        n = min(n, self.capacity)
+        return 0.0 if self.level >= n else (n - self.level) / self.rate
+
+    def take(self, n: float) -> None:
+        self.level -= min(n, self.capacity)
+
+
+@dataclass
+class TenantGate:
+    max_concurrency: int | None
+    requests: TokenBucket | None
+    tokens: TokenBucket | None
+    inflight: int = 0
+
+    @classmethod
+    def of(cls, c: TenantConfig, now: float) -> TenantGate | None:
+        if c.max_concurrency is None and c.requests_per_minute is None and c.tokens_per_minute is None:
+            return None
+        return cls(c.max_concurrency,
+                   TokenBucket(c.requests_per_minute, now) if c.requests_per_minute else None,
+                   TokenBucket(c.tokens_per_minute, now) if c.tokens_per_minute else None)
+
+
+def too_many(message: str, retry_after_s: float, reason: str) -> APIError:
+    return APIError(429, message, code="rate_limit_exceeded",
+                    headers={"Retry-After": str(max(1, math.ceil(retry_after_s))), "x-prefixroute-refused": reason})
+
+
+@dataclass
+class Admission:
+    pool: WorkerPool
+    max_queue: int | None  # requests in flight per worker; None: no bound
+    wait_s: float
+    max_waiting: int
+    gates: dict[str, TenantGate] = field(default_factory=dict)
+    on_reject: Callable[[str], None] = lambda reason: None
+    clock: Callable[[], float] = time.monotonic
+    _waiters: deque[asyncio.Future] = field(default_factory=deque)
+
+    @classmethod
+    def from_settings(cls, s: RouterSettings, pool: WorkerPool, on_reject: Callable[[str], None]) -> Admission:
+        now = time.monotonic()
+        gates = {t.id: g for t in s.tenants if (g := TenantGate.of(t, now)) is not None}
+        pool.max_inflight = s.max_queue_per_worker
+        return cls(pool, s.max_queue_per_worker, s.queue_wait_s, s.max_queued_requests, gates, on_reject)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    # ---- tenants ------------------------------------------------------------------------------------------
+
+    def enter(self, tenant: str, prompt_tokens: int) -> TenantGate | None:
+        """Count a request against its tenant's limits, or raise 429. The caller calls `leave` when it ends."""
+        g = self.gates.get(tenant)
+        if g is None:
+            return None
+        if g.max_concurrency is not None and g.inflight >= g.max_concurrency:
+            self._refuse("tenant_concurrency")
+            raise too_many(f"Too many concurrent requests: this API key is limited to {g.max_concurrency} at once.",
+                           1, "tenant_concurrency")
+        now = self.clock()
+        wait_r = g.requests.wait_for(1, now) if g.requests else 0.0
+        if wait_r:
+            self._refuse("tenant_requests")
+            raise too_many(f"Rate limit reached: {g.requests.capacity:.0f} requests per minute for this API key.",
+                           wait_r, "tenant_requests")
+        wait_t = g.tokens.wait_for(prompt_tokens, now) if g.tokens else 0.0
+        if wait_t:
+            self._refuse("tenant_tokens")
+            raise too_many(f"Rate limit reached: {g.tokens.capacity:.0f} prompt tokens per minute for this API key.",
+                           wait_t, "tenant_tokens")
+        if g.requests:
+            g.requests.take(1)
+        if g.tokens:
+            g.tokens.take(prompt_tokens)
+        g.inflight += 1
+        return g
+
+    @staticmethod
+    def leave(gate: TenantGate | None) -> None:
+        if gate is not None:
+            gate.inflight -= 1
+
+    # ---- workers ------------------------------------------------------------------------------------------
+
+    def has_room(self) -> bool:
+        cap = self.max_queue
+        if cap is None:
+            return True
+        pool = self.pool
+        return any(pool.workers[n].inflight < cap for n in pool.active)  # stops at the first worker with room
+
+    async def wait_for_room(self) -> None:
+        """Returns when some worker is below the bound; waits in the router's queue (FIFO) up to `wait_s`;
+        raises 429 when the queue is full or the wait runs out."""
+        if self.has_room() and not self._waiters:
+            return
+        deadline = self.clock() + self.wait_s
+        loop = asyncio.get_running_loop()
+        while True:
+            remaining = deadline - self.clock()
+            if len(self._waiters) >= self.max_waiting or remaining <= 0:
+                self._refuse("queue_full")
+                raise too_many("Every worker is at its queue limit; retry shortly.", 1, "queue_full")
+            fut = loop.create_future()
+            self._waiters.append(fut)
+            try:
+                await asyncio.wait_for(fut, remaining)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
+            if self.has_room():
+                return
+
+    def released(self) -> None:
+        """A request ended somewhere: the first waiter (if any) looks for room again."""
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    def _refuse(self, reason: str) -> None:
+        self.on_reject(reason)
