@@ -35,10 +35,16 @@ class Result:
     worker: str = ""
     route: str = ""
     error: str | None = None
+    retry_after: str | None = None  # a refusal's Retry-After header
 
     @property
     def ok(self) -> bool:
         return self.error is None and self.status == 200
+
+    @property
+    def refused(self) -> bool:
+        """Turned away by admission control (429): said plainly to the client, not lost."""
+        return self.status == 429
 
 
 async def _one(session: aiohttp.ClientSession, url: str, job: Job, index: int, t0: float,
@@ -58,6 +64,7 @@ async def _one(session: aiohttp.ClientSession, url: str, job: Job, index: int, t
             r.route = resp.headers.get("x-prefixroute-route", "")
             if resp.status != 200:
                 r.error = (await resp.text())[:300]
+                r.retry_after = resp.headers.get("Retry-After")
                 return r
             async for raw in resp.content:
                 line = raw.strip()

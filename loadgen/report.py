@@ -69,8 +69,10 @@ def summarize(results: list[Result], wall_s: float, workers: int | None = None) 
     summary: dict[str, Any] = {
         "requests": len(results),
         "ok": len(ok),
-        "errors": len(results) - len(ok),
-        "errors_by_status": dict(Counter(str(r.status) for r in results if not r.ok)),
+        "errors": sum(1 for r in results if not r.ok and not r.refused),
+        "errors_by_status": dict(Counter(str(r.status) for r in results if not r.ok and not r.refused)),
+        "refused": sum(1 for r in results if r.refused),  # 429: admission control said no, with Retry-After
+        "refused_without_retry_after": sum(1 for r in results if r.refused and not r.retry_after),
         "wall_s": wall_s,
         "throughput_rps": len(ok) / wall_s if wall_s else 0.0,
         "output_tokens_per_s": out_tokens / wall_s if wall_s else 0.0,

@@ -81,8 +81,11 @@ def test_statistics_on_a_known_case():
                          prompt_tokens=100, cached_tokens=50 if i < 4 else 0, completion_tokens=10,
                          worker="a" if i < 6 else "b"))
     rs.append(Result(10, 1.0, status=503, error="overloaded"))
+    rs.append(Result(11, 1.0, status=429, error="full", retry_after="1"))
+    rs.append(Result(12, 1.0, status=429, error="full"))
     s = summarize(rs, wall_s=5.0)
-    assert (s["requests"], s["ok"], s["errors"], s["errors_by_status"]) == (11, 10, 1, {"503": 1})
+    assert (s["requests"], s["ok"], s["errors"], s["errors_by_status"]) == (13, 10, 1, {"503": 1})
+    assert (s["refused"], s["refused_without_retry_after"]) == (2, 1)  # 429s are refusals, not errors
     assert s["cached_token_ratio"] == pytest.approx(200 / 1000)
     assert s["ttft_p50_s"] == pytest.approx(0.5) and s["ttft_p99_s"] == pytest.approx(1.0)
     assert s["itl_p50_s"] == pytest.approx(0.05) and s["e2e_p90_s"] == pytest.approx(9)
