@@ -122,8 +122,7 @@ class Router:
         log.info("shutting down: %d request(s) in flight get %.0f s", self.pool.total_inflight,
                  self.settings.shutdown_grace_s)
         if self.proxy is not None:
-            proxy = self.proxy
-            self._cut = asyncio.get_running_loop().call_later(self.settings.shutdown_grace_s, proxy.cut_all)
+            self._cut = asyncio.get_running_loop().call_later(self.settings.shutdown_grace_s, self.proxy.cut_all)
 
     async def _stop(self, app: web.Application) -> None:
         if self._cut is not None:
