@@ -57,14 +57,20 @@ def worker_summary(r: dict) -> dict:
             "busy_min_s": min(busy), "busy_max_s": max(busy)}
 
 
+# With admission control (--set max_queue_per_worker=Q): refusals, and the pooled cache fed only the admitted
+ADMISSION_METRICS = [("refused", "refused (429)", "{:,}".format),
+                     ("pct_pooled_admitted", "% of pooled (admitted)", "{:.0%}".format)]
+
+
 def markdown(rows: list[dict], seeds: list[int], per_worker_blocks: int, per_worker: bool) -> str:
     cells: dict[tuple, list[dict]] = {}
     for r in rows:
         cells.setdefault((r["workers"], r["policy"], r["load"]), []).append(r)
-    head = "| workers | policy | load | " + " | ".join(h for _, h, _ in METRICS) + " |"
-    lines = [head, "|---:|---|---:|" + "---:|" * len(METRICS)]
+    metrics = METRICS + (ADMISSION_METRICS if any("pct_pooled_admitted" in r for r in rows) else [])
+    head = "| workers | policy | load | " + " | ".join(h for _, h, _ in metrics) + " |"
+    lines = [head, "|---:|---|---:|" + "---:|" * len(metrics)]
     for (n, policy, load), rs in cells.items():
-        vals = " | ".join(spread([r[k] for r in rs], fmt) for k, _, fmt in METRICS)
+        vals = " | ".join(spread([r[k] for r in rs], fmt) for k, _, fmt in metrics)
         lines.append(f"| {n} | {policy} | {load}x | {vals} |")
     pooled = {r["workers"]: r["pooled"] for r in rows}
     lines += [""] + [f"- {n} workers: pooled cache of {n * per_worker_blocks} blocks reaches {h:.3f}." for n, h in
@@ -124,8 +130,15 @@ def main() -> int:
                 for seed in seeds:
                     s = RouterSettings(workers=[], policy=policy, **overrides)
                     o = fs.simulate(reqs, n, s, speed_1x * load, profile, args.max_output_tokens, seed=seed)
-                    rows.append({"workers": n, "policy": policy, "load": load, "seed": seed, "pooled": pooled,
-                                 "pct_pooled": o.hit_ratio / pooled, **o.__dict__})
+                    row = {"workers": n, "policy": policy, "load": load, "seed": seed, "pooled": pooled,
+                           "pct_pooled": o.hit_ratio / pooled, **o.__dict__}
+                    admitted = set(row.pop("admitted"))
+                    if s.max_queue_per_worker is not None or s.max_queued_tokens_per_worker is not None:
+                        pooled_admitted = fs.offline_hit_ratio([r for i, r in enumerate(reqs) if i in admitted],
+                                                               n * per_worker)
+                        row |= {"pooled_admitted": pooled_admitted,
+                                "pct_pooled_admitted": o.hit_ratio / pooled_admitted}
+                    rows.append(row)
                     print(json.dumps({k: v for k, v in rows[-1].items() if k != "per_worker"}), file=sys.stderr)
     md = markdown(rows, seeds, per_worker, args.per_worker)
     print(md)

@@ -109,10 +109,12 @@ def git_state() -> str:
 
 
 def run_one(trace: Path, n: int, policy: str, speed: float, time_scale: float, args: argparse.Namespace,
-            workdir: Path) -> dict:
+            workdir: Path, router_args: tuple[str, ...] = (), tag: str = "") -> dict:
+    """One live run; `router_args` go to prefixroute's router as they are, `tag` names the run's files."""
     scale = TRACE_BLOCK / args.block_tokens
     procs = []
-    log = open(workdir / f"{policy}-{n}-{speed:.2f}.log", "wb")
+    name = f"{policy}{tag}-{n}-{speed:.2f}"
+    log = open(workdir / f"{name}.log", "wb")
     git = git_state()
     try:
         urls, sim = start_sim_workers(n, "--sim-speedup", str(time_scale), "--sim-token-scale", str(scale),
@@ -131,9 +133,10 @@ def run_one(trace: Path, n: int, policy: str, speed: float, time_scale: float, a
             router, rproc = start_router(urls, "--policy", policy, "--prefix-tokens", str(prefix),
                                          "--index-block-bytes", str(block), "--log-level", "warning",
                                          "--spill-rpm", str(DEFAULT_SPILL_RPM * time_scale),
-                                         "--rate-window-s", str(DEFAULT_RATE_WINDOW_S / time_scale), log=log)
+                                         "--rate-window-s", str(DEFAULT_RATE_WINDOW_S / time_scale), *router_args,
+                                         log=log)
         procs.append(rproc)
-        out = workdir / f"{policy}-{n}-{speed:.2f}"
+        out = workdir / name
         t0 = time.time()
         subprocess.run([sys.executable, "-m", "loadgen", "replay", str(trace), "--url", router,
                         "--speedup", str(speed * time_scale), "--block-tokens", str(args.block_tokens),
@@ -154,7 +157,9 @@ def run_one(trace: Path, n: int, policy: str, speed: float, time_scale: float, a
                 "max_mean": max(reqs) / mean if mean else None,
                 "busy_max_mean": max(busy) / busy_mean if busy_mean else None,
                 "ttft_p50_s": summary.get("ttft_p50_s"), "ttft_p99_s": summary.get("ttft_p99_s"),
-                "requests": summary.get("requests"), "errors": summary.get("errors")}
+                "requests": summary.get("requests"), "errors": summary.get("errors"),
+                "refused": summary.get("refused", 0),
+                "refused_without_retry_after": summary.get("refused_without_retry_after", 0), "out": str(out)}
     finally:
         for p in procs:
             stop_process(p)

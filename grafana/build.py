@@ -91,9 +91,12 @@ PANELS: list[tuple[str, str, str, str, list[tuple[str, str]]]] = [
      "at its queue limit, or a tenant over its limits; requests waiting in the router for a worker with room.",
      "timeseries", "short",
      [("429 {{reason}}", f"sum by (reason) ({rate('prefixroute_router_admission_rejected_total')})"),
-      ("waiting in the router", "sum(prefixroute_router_admission_waiting)")]),
-    ("Workers up and Redis", "Workers on the ring; 1 when the router reaches Redis.", "timeseries", "short",
+      ("waiting in the router", "sum(prefixroute_router_admission_waiting)"),
+      ("held for a full worker holding the prefix", f"sum({rate('prefixroute_router_admission_held_total')})")]),
+    ("Workers up and Redis", "Workers on the ring; circuit breakers open or half-open (a worker failing requests "
+     "while its health checks pass); 1 when the router reaches Redis.", "timeseries", "short",
      [("workers on the ring", "max(prefixroute_router_workers_active)"),
+      ("breakers not closed", "max(count(prefixroute_router_breaker_state > 0) or vector(0))"),
       ("redis up", "min(prefixroute_router_redis_up)")]),
 ]
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from loadgen.report import percentile
+from router.admission import Admission
 from router.policies import make_policy
 from router.policies.random import RandomPolicy
 from router.prefix import RouteKeys
@@ -139,6 +140,8 @@ class Outcome:
     reasons: dict[str, int]
     busy_max_mean: float
     per_worker: list[dict[str, Any]] = field(default_factory=list)  # requests, mean prompt tokens, busy s, hits
+    refused: int = 0  # 429s of admission control (settings.max_queue_per_worker)
+    admitted: list[int] = field(default_factory=list)  # indices of the requests served, in arrival order
 
 
 def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed: float,
@@ -168,6 +171,16 @@ def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed
     t0 = reqs[0]["timestamp"]
     for i, r in enumerate(reqs):
         push((r["timestamp"] - t0) / 1000 / speed, "arrive", i)
+    # Admission control as the router runs it (router.admission, Router._forward): a request waits up to
+    # queue_wait_s for any worker below the bound (FIFO), or, held, for its full best worker; then 429.
+    admission = Admission.from_settings(settings, pool, lambda reason: None)
+    admission.clock = lambda: clock[0]
+    hold_ok = settings.hold_for_cache and admission.enabled
+    waiting: deque[int] = deque()  # for any worker with room
+    held: dict[str, deque[int]] = {}  # for one full worker
+    parked: dict[int, tuple[float, Any]] = {}  # request -> (its deadline, its held decision or None)
+    refused: list[int] = []
+    admitted: list[int] = []
     ttft: list[float] = []
     arrive_t: dict[int, float] = {}
     reasons: dict[str, int] = {}
@@ -198,20 +211,63 @@ def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed
         w.prefilling = True
         push(now + dt, "prefilled", (w.name, i))
 
+    def place(i: int, d: Any, now: float) -> None:
+        reasons[d.reason] = reasons.get(d.reason, 0) + 1
+        pool.acquire(d.worker, d.prefill, d.context)
+        work[i] = (d.prefill, d.context)
+        w = workers[d.worker]
+        w.requests += 1
+        admitted.append(i)
+        w.queue.append(i)
+        start_prefill(w, now)
+
+    def admit(i: int, now: float, deadline: float) -> None:
+        """Place request i, or park it until a slot frees (or its deadline), or refuse it."""
+        keys = route_keys(reqs[i], settings.prefix_tokens, seed)
+        if admission.enabled and (not admission.has_room() or (waiting and i not in parked)):
+            if len(parked) >= admission.max_waiting and i not in parked:
+                refused.append(i)
+                return
+            waiting.append(i)
+            if i not in parked:
+                push(deadline, "deadline", i)
+            parked[i] = (deadline, None)
+            return
+        d = policy.choose(keys, pool, hold=hold_ok)
+        if d.hold:
+            held.setdefault(d.worker, deque()).append(i)
+            if i not in parked:
+                push(deadline, "deadline", i)
+            parked[i] = (deadline, d)
+            return
+        parked.pop(i, None)
+        place(i, d, now)
+
+    def wake(name: str, now: float) -> None:
+        """A request on `name` ended: the first request held for it, else the first waiting for any worker."""
+        for queue in (held.get(name), waiting):
+            while queue:
+                i = queue.popleft()
+                if i in parked:
+                    admit(i, now, parked[i][0])
+                    return
+
     while events:
         now, _, kind, data = heapq.heappop(events)
         clock[0] = now
         if kind == "arrive":
-            r = reqs[data]
-            d = policy.choose(route_keys(r, settings.prefix_tokens, seed), pool)
-            reasons[d.reason] = reasons.get(d.reason, 0) + 1
-            pool.acquire(d.worker, d.prefill, d.context)
-            work[data] = (d.prefill, d.context)
-            w = workers[d.worker]
-            w.requests += 1
             arrive_t[data] = now
-            w.queue.append(data)
-            start_prefill(w, now)
+            admit(data, now, now + admission.wait_s)
+        elif kind == "deadline":
+            if data not in parked:
+                continue
+            _, d = parked.pop(data)
+            keys = route_keys(reqs[data], settings.prefix_tokens, seed)
+            if d is None or admission.refuses_after_hold(d.prefill,
+                                                         lambda: policy.choose(keys, pool, dry_run=True).prefill):
+                refused.append(data)
+            else:
+                place(data, policy.choose(keys, pool), now)
         elif kind == "prefilled":
             name, i = data
             w = workers[name]
@@ -234,6 +290,7 @@ def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed
             w.cache.release(pins.pop(i))
             pool.release(name, 0, work.pop(i)[1])
             start_prefill(w, now)
+            wake(name, now)
     ws = list(workers.values())
     mean = sum(w.requests for w in ws) / n
     busy_mean = sum(w.busy_s for w in ws) / n
@@ -242,4 +299,5 @@ def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed
                    "hit_ratio": w.cached_tokens / w.prompt_tokens if w.prompt_tokens else 0.0} for w in ws]
     return Outcome(sum(w.cached_tokens for w in ws) / sum(w.prompt_tokens for w in ws),
                    max(w.requests for w in ws) / mean, percentile(ttft, 50) or 0.0, percentile(ttft, 99) or 0.0,
-                   reasons, max(w.busy_s for w in ws) / busy_mean if busy_mean else 0.0, per_worker)
+                   reasons, max(w.busy_s for w in ws) / busy_mean if busy_mean else 0.0, per_worker, len(refused),
+                   admitted)

@@ -100,11 +100,12 @@ def start_sim_workers(n: int, *args: str, log: IO[bytes] | None = None) -> tuple
     return urls, proc
 
 
-def start_sim_processes(k: int, *args: str) -> list[tuple[str, subprocess.Popen]]:
-    """`k` one-worker sim processes started together (each can be killed alone), on free ports."""
+def start_sim_processes(k: int, *args: str, ports: list[int] | None = None) -> list[tuple[str, subprocess.Popen]]:
+    """`k` one-worker sim processes started together (each can be killed alone), on free ports or on `ports`
+    (a restart on the port a stopped one had)."""
     started = []
-    for _ in range(k):
-        port = free_port()
+    for i in range(k):
+        port = ports[i] if ports else free_port()
         proc = _spawn(["-m", "worker", "--backend", "sim", "--host", "127.0.0.1", "--port", str(port), *args], None,
                       None)
         started.append((f"http://127.0.0.1:{port}", proc))
@@ -114,8 +115,9 @@ def start_sim_processes(k: int, *args: str) -> list[tuple[str, subprocess.Popen]
 
 
 def start_router(workers: list[str], *args: str, env: dict[str, str] | None = None, wait_path: str = "/health",
-                 log: IO[bytes] | None = None, module: str = "router") -> tuple[str, subprocess.Popen]:
-    port = free_port()
+                 log: IO[bytes] | None = None, module: str = "router",
+                 port: int | None = None) -> tuple[str, subprocess.Popen]:
+    port = port or free_port()  # a given port: a restart where a stopped router listened
     if module == "router":
         cmd = ["-m", "router", "--host", "127.0.0.1", "--port", str(port), *args]
         for w in workers:

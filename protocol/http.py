@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any, Protocol, TypeVar
@@ -12,6 +13,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel, ValidationError
 
 from protocol.errors import APIError, error_body, from_validation_error
+from protocol.limits import LIMITS, Limits, check_json_depth, too_deep
+from protocol.openapi import openapi_document
 
 log = logging.getLogger("prefixroute.http")
 M = TypeVar("M", bound=BaseModel)
@@ -31,7 +34,14 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     try:
         return await handler(request)
     except APIError as exc:
-        return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+        resp = web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+        if exc.status == 408 and not request.content.is_eof():
+            # A slow sender: answer, then close at once instead of lingering up to 10 s for the rest of its body.
+            resp.force_close()
+            await resp.prepare(request)
+            await resp.write_eof()
+            request.protocol.force_close()
+        return resp
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -44,15 +54,31 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         return json_error(500, "Internal server error.", code="internal_error")
 
 
+_DEFAULT_LIMITS = Limits()
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 saying why not (413 comes from the size limit)."""
-    raw = await request.read()
+    """The request body as a JSON object, or a 400 saying why not (413 comes from the size limit, 408 from a body
+    that does not arrive within body_timeout_s)."""
+    limits = request.config_dict.get(LIMITS, _DEFAULT_LIMITS)
+    try:
+        async with asyncio.timeout(limits.body_timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise APIError(408, f"The request body did not arrive within {limits.body_timeout_s:g} s.",
+                       code="body_timeout") from None
+    except web.RequestPayloadError:  # e.g. a Content-Encoding: gzip body that does not inflate
+        raise APIError(400, "The request body could not be read (its content or transfer encoding is broken).",
+                       code="invalid_body") from None
     if not raw:
         raise APIError(400, "Request body is empty; a JSON object is required.", code="invalid_json")
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if "depth limit" in str(exc) or "recursion" in str(exc):
+            raise too_deep(limits.max_json_depth) from None
         raise APIError(400, f"Request body is not valid JSON: {exc}.", code="invalid_json") from None
+    check_json_depth(raw, limits.max_json_depth)
     if not isinstance(obj, dict):
         raise APIError(400, "Request body must be a JSON object.", code="invalid_json")
     return obj
@@ -80,8 +106,14 @@ class OpenAISurface(Protocol):
     async def prometheus(self, request: web.Request) -> web.StreamResponse: ...
 
 
-def openai_app(surface: OpenAISurface, max_body_bytes: int) -> web.Application:
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+def openai_app(surface: OpenAISurface, max_body_bytes: int, limits: Limits | None = None) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=max_body_bytes)
+    app[LIMITS] = limits or _DEFAULT_LIMITS
+    app.router.add_get("/openapi.json", openapi)
     app.router.add_post("/v1/chat/completions", surface.chat_completions)
     app.router.add_post("/v1/completions", surface.completions)
     app.router.add_get("/v1/models", surface.models)

@@ -86,6 +86,11 @@ def load_tokenizer(path: Path) -> Any:
             _save(tokenizer, cache)
     if tokenizer.chat_template is None:
         raise ModelNotFound(f"{path} has no chat template; /v1/chat/completions needs one")
+    # The fast tokenizer's BPE word cache is shared by all requests of a process: words another tenant sent
+    # tokenize faster, a timing side channel between tenants (bench/tenant_audit.py). Off, at no measurable cost.
+    model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    if hasattr(model, "_resize_cache"):
+        model._resize_cache(0)
     return tokenizer
 
 

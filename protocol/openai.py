@@ -34,7 +34,8 @@ class ChatMessage(_Strict):
         parts = []
         for i, raw in enumerate(self.content):
             if raw.get("type") != "text":
-                raise APIError(400, f"Content part type {raw.get('type')!r} is not supported; only 'text' is.",
+                # The value is not echoed: a client's content must never reach an error body (or a log of one).
+                raise APIError(400, "This content part type is not supported; only 'text' is.",
                                param=f"messages.content.{i}.type", code="unsupported_content")
             parts.append(TextPart.model_validate(raw).text)
         return "".join(parts)

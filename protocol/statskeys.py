@@ -11,7 +11,8 @@ one Redis.
     {ns}:tenants / {ns}:tenant:{t} set of tenant ids / hash: counters + routing accuracy (expected, expected_hit)
     {ns}:versions / {ns}:version:{v}  the same per prefix version
     {ns}:keys                      sorted set: routing key -> requests (trimmed to the hottest TOP_KEYS)
-    {ns}:key:{k}                   hash: tenant, counters and "w:{worker id}" requests (expires after a day idle)
+    {ns}:key:{k}                   hash: tenant, counters and "w:{worker id}" requests (expires after a day idle;
+                                   deleted when its key drops out of {ns}:keys)
 
 Tenant ids and prefix versions are names from configuration or bounded label sets, never secrets or prompt
 text; routing keys are short keyed hashes (the first 12 hex digits the router sends upstream).

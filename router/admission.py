@@ -75,18 +75,28 @@ class Admission:
     gates: dict[str, TenantGate] = field(default_factory=dict)
     on_reject: Callable[[str], None] = lambda reason: None
     clock: Callable[[], float] = time.monotonic
-    _waiters: deque[asyncio.Future] = field(default_factory=deque)
+    max_tokens: int | None = None  # prompt tokens queued for prefill per worker; None: no bound
+    _waiters: deque[asyncio.Future] = field(default_factory=deque)  # for any worker with room
+    _held: dict[str, deque[asyncio.Future]] = field(default_factory=dict)  # for one worker (a held decision)
+    _n_held: int = 0
 
     @classmethod
     def from_settings(cls, s: RouterSettings, pool: WorkerPool, on_reject: Callable[[str], None]) -> Admission:
         now = time.monotonic()
         gates = {t.id: g for t in s.tenants if (g := TenantGate.of(t, now)) is not None}
         pool.max_inflight = s.max_queue_per_worker
-        return cls(pool, s.max_queue_per_worker, s.queue_wait_s, s.max_queued_requests, gates, on_reject)
+        pool.max_prefill = s.max_queued_tokens_per_worker
+        return cls(pool, s.max_queue_per_worker, s.queue_wait_s, s.max_queued_requests, gates, on_reject,
+                   max_tokens=s.max_queued_tokens_per_worker)
+
+    @property
+    def enabled(self) -> bool:
+        """Some per-worker bound is set (requests in flight or queued prefill tokens)."""
+        return self.max_queue is not None or self.max_tokens is not None
 
     @property
     def waiting(self) -> int:
-        return len(self._waiters)
+        return len(self._waiters) + self._n_held
 
     # ---- tenants ------------------------------------------------------------------------------------------
 
@@ -125,18 +135,20 @@ class Admission:
     # ---- workers ------------------------------------------------------------------------------------------
 
     def has_room(self) -> bool:
-        cap = self.max_queue
-        if cap is None:
+        if not self.enabled:
             return True
         pool = self.pool
-        return any(pool.workers[n].inflight < cap for n in pool.active)  # stops at the first worker with room
+        return any(pool.admits(pool.workers[n], 1) for n in pool.active)  # stops at the first worker with room
 
-    async def wait_for_room(self) -> None:
+    async def wait_for_room(self) -> float | None:
         """Returns when some worker is below the bound; waits in the router's queue (FIFO) up to `wait_s`;
-        raises 429 when the queue is full or the wait runs out."""
-        if self.has_room() and not self._waiters:
-            return
+        raises 429 when the queue is full or the wait runs out. Returns the deadline of this request's wait
+        (None: no bound), which a held decision (`wait_for_worker`) may still use."""
+        if not self.enabled:
+            return None
         deadline = self.clock() + self.wait_s
+        if self.has_room() and not self._waiters:
+            return deadline
         loop = asyncio.get_running_loop()
         while True:
             remaining = deadline - self.clock()
@@ -153,15 +165,68 @@ class Admission:
                 if fut in self._waiters:
                     self._waiters.remove(fut)
             if self.has_room():
-                return
+                return deadline
 
-    def released(self) -> None:
-        """A request ended somewhere: the first waiter (if any) looks for room again."""
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return
+    async def wait_for_worker(self, name: str, deadline: float, prefill: int = 0) -> bool:
+        """A held decision: wait (FIFO among those waiting for this worker) until `name` has room for a request
+        that prefills `prefill` tokens there, or `deadline` passes. True when it has room; False past the
+        deadline, when the router's queue is full or the worker left the ring (the caller then decides without
+        holding)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            w = self.pool.workers.get(name)
+            if w is None or not w.usable:
+                return False
+            if self.pool.admits(w, prefill):
+                return True
+            remaining = deadline - self.clock()
+            if remaining <= 0 or self.waiting >= self.max_waiting:
+                return False
+            fut = loop.create_future()
+            queue = self._held.setdefault(name, deque())
+            queue.append(fut)
+            self._n_held += 1
+            try:
+                await asyncio.wait_for(fut, remaining)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                self._n_held -= 1
+                if fut in queue:
+                    queue.remove(fut)
+                if not queue:
+                    self._held.pop(name, None)
+
+    def saturated(self) -> bool:
+        """The fleet is out of room: its workers have one free slot each or less on average, or every one has at
+        least half its bound of prefill tokens queued."""
+        pool, cap, tokens = self.pool, self.max_queue, self.max_tokens
+        if cap is not None and pool.active_inflight >= len(pool.active) * (cap - 1):
+            return True
+        return tokens is not None and all(pool.workers[n].prefill >= tokens / 2 for n in pool.active)
+
+    def refuses_after_hold(self, held_prefill: int, elsewhere_prefill: Callable[[], int]) -> bool:
+        """A held request's wait ran out with its worker still full: refuse it when no worker has room, or when
+        the fleet is saturated and the best worker with room would prefill more of it (`elsewhere_prefill()`
+        tokens, against `held_prefill` on the held worker)."""
+        return not self.has_room() or (self.saturated() and elsewhere_prefill() > held_prefill)
+
+    def refuse_held(self) -> APIError:
+        """A held request whose worker stayed full for the whole wait, on a saturated fleet: placing it elsewhere
+        would spend GPU time recomputing its prefix that the fleet does not have, so it is refused like a
+        request that found no room (and retried by its client after Retry-After)."""
+        self._refuse("queue_full")
+        return too_many("Every worker is at its queue limit; retry shortly.", 1, "queue_full")
+
+    def released(self, worker: str | None = None) -> None:
+        """A request ended (on `worker`, when known): the first request held for that worker, else the first
+        waiter for any worker, looks for room again."""
+        for queue in ((self._held.get(worker), self._waiters) if worker is not None else (self._waiters,)):
+            while queue:
+                fut = queue.popleft()
+                if not fut.done():
+                    fut.set_result(None)
+                    return
 
     def _refuse(self, reason: str) -> None:
         self.on_reject(reason)

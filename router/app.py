@@ -13,10 +13,12 @@ from pydantic import BaseModel, Field, ValidationError
 
 from protocol.errors import APIError
 from protocol.http import metrics_response, openai_app, parse_model, read_json
+from protocol.limits import TIME_LIMIT, Limits, check_max_tokens
 from protocol.openai import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now
 from protocol.redis import redis_client
 from protocol.statskeys import H_EXPECTED, H_KEY, H_TENANT, H_VERSION, Keys, label
 from router.admission import Admission
+from router.breaker import BreakerConfig
 from router.metrics import RouterMetrics
 from router.policies import Policy, make_policy
 from router.prefix import PrefixKeyer, RouteKeys
@@ -30,6 +32,9 @@ from router.workers import WorkerPool, normalize_url
 log = logging.getLogger("prefixroute.router")
 
 
+_SENT_TO = web.RequestKey("prefixroute_sent_to", str)  # the worker a request was placed on (admission wakes its queue)
+
+
 class _WorkerBody(BaseModel):
     url: str
     weight: int = Field(1, ge=1, le=100)
@@ -38,7 +43,7 @@ class _WorkerBody(BaseModel):
 class Router:
     def __init__(self, settings: RouterSettings, tokenizer, policy: Policy | None = None):
         self.settings = settings
-        self.pool = WorkerPool(settings.vnodes, settings.fail_threshold)
+        self.pool = WorkerPool(settings.vnodes, settings.fail_threshold, BreakerConfig.from_settings(settings))
         for w in settings.workers:
             self.pool.add(w.url, w.weight)
         self.policy = policy or make_policy(settings)
@@ -66,7 +71,7 @@ class Router:
         self._cut: asyncio.TimerHandle | None = None
 
     def app(self) -> web.Application:
-        app = openai_app(self, self.settings.max_body_bytes)
+        app = openai_app(self, self.settings.max_body_bytes, Limits.of(self.settings))
         app.router.add_get("/admin/workers", self.admin_list)
         app.router.add_post("/admin/workers", self.admin_add)
         app.router.add_delete("/admin/workers", self.admin_remove)
@@ -151,12 +156,20 @@ class Router:
             obj = await read_json(request)
             req = parse_model(model_cls, obj)
             req.check_supported()
+            check_max_tokens(req, self.settings.max_tokens_limit)
             known = self.pool.models()
             if req.model is not None and known and req.model not in known:
                 raise APIError(404, f"The model '{req.model}' does not exist.", param="model", code="model_not_found")
+            self.pool.tick()  # an open circuit breaker whose time is over lets its worker back for one trial
             if not self.pool.active:
                 raise APIError(503, "No healthy worker is available.", code="no_healthy_worker")
-            return tenant, req, self.keyer.keys(tenant, req, request.headers.get("x-session-id"))
+            keys = self.keyer.keys(tenant, req, request.headers.get("x-session-id"))
+            cap = self.settings.max_prompt_tokens
+            if cap is not None and keys.prompt_tokens > cap:
+                raise APIError(400, f"The prompt is about {keys.prompt_tokens} tokens; at most {cap} are allowed.",
+                               param="messages" if model_cls is ChatCompletionRequest else "prompt",
+                               code="context_length_exceeded")
+            return tenant, req, keys
         except APIError as exc:
             self.metrics.rejected.labels(str(exc.status)).inc()
             raise
@@ -169,26 +182,54 @@ class Router:
         self.metrics.rejected.labels("429").inc()
 
     async def _route(self, request: web.Request, path: str, model_cls) -> web.StreamResponse:
+        limit = self.settings.request_time_limit_s
+        if limit is None:
+            return await self._admit(request, path, model_cls)
+        # The proxy reads TIME_LIMIT when the cancel lands mid-stream (it ends the stream with the error event);
+        # before any byte went out the timeout is a 408 here. Either way the upstream request is closed.
+        timer = asyncio.timeout(limit)
+        request[TIME_LIMIT] = timer
+        try:
+            async with timer:
+                return await self._admit(request, path, model_cls)
+        except TimeoutError:
+            if not timer.expired():
+                raise
+            self.metrics.rejected.labels("408").inc()
+            raise APIError(408, f"The request ran past its time limit of {limit:g} s.",
+                           code="request_timeout") from None
+
+    async def _admit(self, request: web.Request, path: str, model_cls) -> web.StreamResponse:
         tenant, req, keys = await self._parse(request, model_cls)
         admission = self.admission
         gate = admission.enter(tenant.id, keys.prompt_tokens)
         try:
-            await admission.wait_for_room()
-            return await self._forward(request, path, tenant, req, keys)
+            deadline = await admission.wait_for_room()
+            return await self._forward(request, path, tenant, req, keys, deadline)
         finally:
             admission.leave(gate)
-            admission.released()
+            admission.released(request.get(_SENT_TO))
 
-    async def _forward(self, request: web.Request, path: str, tenant: Tenant, req: Any,
-                       keys: RouteKeys) -> web.StreamResponse:
+    async def _forward(self, request: web.Request, path: str, tenant: Tenant, req: Any, keys: RouteKeys,
+                       deadline: float | None = None) -> web.StreamResponse:
         m = self.metrics
         m.tokenize.observe(keys.tokenize_s)
         m.prefix_tokens.observe(keys.prefix_tokens)
-        decision = self.policy.choose(keys, self.pool)
-        cap = self.pool.max_inflight
-        if cap is not None and self.pool.inflight(decision.worker) >= cap:
-            # A policy blind to the bound (cache_aware honours it) chose a full worker: the least loaded with room.
-            decision.worker = min(self.pool.active, key=self.pool.inflight)
+        decision = self.policy.choose(keys, self.pool, hold=deadline is not None and self.settings.hold_for_cache)
+        while decision.hold:  # its best worker is full: wait for a slot there, within the admission wait
+            m.admission_held.inc()
+            held = decision
+            room = await self.admission.wait_for_worker(decision.worker, deadline, decision.prefill)
+            if not room and self.admission.refuses_after_hold(
+                    held.prefill, lambda: self.policy.choose(keys, self.pool, dry_run=True).prefill):
+                raise self.admission.refuse_held()
+            decision = self.policy.choose(keys, self.pool, hold=room)
+        request[_SENT_TO] = decision.worker
+        pool = self.pool
+        if self.admission.enabled and not pool.admits(pool.workers[decision.worker], decision.prefill):
+            # A policy blind to the bounds (cache_aware honours them) chose a full worker: the least loaded with room.
+            decision.worker = min((n for n in pool.active if pool.admits(pool.workers[n], decision.prefill)),
+                                  key=pool.inflight, default=decision.worker)
             decision.reason = "load"
         m.fanout.observe(decision.fanout)
         if decision.fanout > 1:
@@ -233,7 +274,8 @@ class Router:
 
     def _listing(self) -> dict:
         return {"workers": [{"url": w.url, "weight": w.weight, "healthy": w.healthy, "draining": w.draining,
-                             "inflight": w.inflight, "models": w.models} for w in self.pool.workers.values()]}
+                             "inflight": w.inflight, "models": w.models,
+                             "breaker": w.breaker.state if w.breaker else None} for w in self.pool.workers.values()]}
 
     async def _worker_body(self, request: web.Request) -> _WorkerBody:
         try:

@@ -26,13 +26,22 @@ class _PoolCollector(Collector):
                                     labels=["worker"])
         prefill = GaugeMetricFamily("prefixroute_router_queued_prefill_tokens",
                                     "Prompt tokens the router expects each worker still to prefill", labels=["worker"])
+        breaker = GaugeMetricFamily("prefixroute_router_breaker_state",
+                                    "Each worker's circuit breaker: 0 closed, 1 half-open, 2 open", labels=["worker"])
+        opens = CounterMetricFamily("prefixroute_router_breaker_opens",
+                                    "Times each worker's circuit breaker opened (re-opens included)", labels=["worker"])
         for w in list(self.pool.workers.values()):
             inflight.add_metric([w.name], w.inflight)
             healthy.add_metric([w.name], 1 if w.usable else 0)
             prefill.add_metric([w.name], w.prefill)
+            if w.breaker is not None:
+                breaker.add_metric([w.name], w.breaker_state)
+                opens.add_metric([w.name], w.breaker.opens)
         yield inflight
         yield healthy
         yield prefill
+        yield breaker
+        yield opens
         yield GaugeMetricFamily("prefixroute_router_workers_active", "Workers on the ring", value=len(self.pool.active))
 
 
@@ -81,6 +90,9 @@ class RouterMetrics:
             self.admission_rejected.labels(reason)  # every series exists from the start, at 0
         self.admission_waiting = Gauge("prefixroute_router_admission_waiting",
                                        "Requests waiting in the router for a worker with room", registry=r)
+        self.admission_held = Counter("prefixroute_router_admission_held",
+                                      "Waits for a full worker that holds a request's prefix (admission control)",
+                                      registry=r)
         r.register(_PoolCollector(pool))
         pool.on_remove.append(self.forget_worker)
 

@@ -1,8 +1,9 @@
 """Forwarding to a worker over one pooled aiohttp client session: SSE passed through chunk by chunk, failover
-to the next candidate when a worker cannot be reached, answers 502/503 or fails before its first data chunk
-(nothing has reached the client yet), never after. Each of those failures counts towards the worker's failure
-threshold (a refused connection reaches it at once); consecutive failures at the threshold take the worker off
-the ring until a health probe brings it back.
+to the next candidate when a worker cannot be reached, answers 500/502/503/504 or fails before its first data
+chunk (nothing has reached the client yet), never after. Each of those failures counts towards the worker's
+failure threshold (a refused connection reaches it at once); consecutive failures at the threshold take the worker
+off the ring until a health probe brings it back. They also go to the worker's circuit breaker (router.breaker),
+which no health probe closes: only its one half-open trial request does.
 
 Why aiohttp and not httpx here: under 64 concurrent requests httpcore's pool re-checks every pooled connection
 (getpeername, readability) on each request; that took 68% of the router's CPU and capped it near 350 requests/s
@@ -21,13 +22,15 @@ from aiohttp import web
 
 from protocol.errors import APIError
 from protocol.http import SSE_DONE, sse
+from protocol.limits import time_limit_hit
 from router.metrics import RouterMetrics
 from router.policies import Decision
 from router.workers import WorkerPool
 
 log = logging.getLogger("prefixroute.router.proxy")
 
-_RETRYABLE_STATUS = (502, 503)
+# Retried on the next candidate, and counted as the worker's failures: nothing has reached the client yet.
+_RETRYABLE_STATUS = (500, 502, 503, 504)
 _JSON = {"Content-Type": "application/json"}
 
 
@@ -73,12 +76,17 @@ class Proxy:
             w = self.pool.workers.get(name)
             if w is None or (attempt and not w.usable):
                 continue
+            verdict = self.pool.admit(name)  # its circuit breaker may refuse (open, or its one trial in flight)
+            if verdict is None:
+                continue
+            trial = verdict == "trial"
             if attempt:
                 route = "failover"
             # The worker's expected work while this request runs: its prefill until the first streamed byte
             # (a non-streamed answer holds it to the end), its context until the end.
             self.pool.acquire(name, decision.prefill, decision.context)
             pending = [decision.prefill]
+            settled = False  # the attempt's outcome went to the worker's breaker
             up: aiohttp.ClientResponse | None = None
             task = asyncio.current_task()
             self._tasks.add(task)  # type: ignore[arg-type]
@@ -88,7 +96,8 @@ class Proxy:
                     up = await self.client.post(w.url + path, data=body, headers=up_headers)
                     if up.status in _RETRYABLE_STATUS:
                         self.metrics.upstream_errors.labels(name, str(up.status)).inc()
-                        self.pool.mark_failed(name)
+                        self.pool.request_failed(name, trial)
+                        settled = True
                         last_error = f"worker answered {up.status}"
                         continue
                     first = b""
@@ -100,11 +109,19 @@ class Proxy:
                         aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:
                     kind = "connect" if isinstance(exc, aiohttp.ClientConnectorError) else "transport"
                     self.metrics.upstream_errors.labels(name, kind).inc()
-                    self.pool.mark_failed(name, immediate=kind == "connect")
+                    self.pool.request_failed(name, trial, immediate=kind == "connect")
+                    settled = True
                     last_error = f"worker unreachable ({type(exc).__name__})"
                     continue
-                self.metrics.upstream_latency.labels(name).observe(time.perf_counter() - t0)
-                w.fails = 0  # failures count only when consecutive
+                waited = time.perf_counter() - t0
+                self.metrics.upstream_latency.labels(name).observe(waited)
+                slow_s = self.pool.breaker_config.slow_s if self.pool.breaker_config else None
+                # Only a stream's first chunk is its first token; a plain answer's headers come at its end.
+                if first and slow_s is not None and waited > slow_s:
+                    self.pool.request_slow(name, trial)
+                else:
+                    self.pool.request_ok(name, trial)
+                settled = True
                 headers = {"x-prefixroute-worker": name, "x-prefixroute-route": route, **extra_headers}
                 resp = await self._relay(request, name, up, headers, pending, first)
                 self.metrics.requests.labels(route, name, str(up.status)).inc()
@@ -117,6 +134,8 @@ class Proxy:
                                code="server_shutting_down") from None
             finally:
                 self._tasks.discard(task)  # type: ignore[arg-type]
+                if not settled:
+                    self.pool.request_abandoned(name, trial)
                 self.pool.release(name, pending[0], decision.context)
                 if up is not None:
                     # A fully read answer returns its connection to the pool; anything else (a failure, a client
@@ -150,7 +169,10 @@ class Proxy:
             return out  # the client left; closing the upstream connection makes the worker abort the request
         except (aiohttp.ClientError, asyncio.TimeoutError, asyncio.CancelledError) as exc:
             # Bytes are out: no retry. End the stream with an error event the client can see.
-            if isinstance(exc, asyncio.CancelledError):
+            if isinstance(exc, asyncio.CancelledError) and time_limit_hit(request):
+                # request_time_limit_s ran out; the router's timeout consumes the cancel when the handler returns
+                err = APIError(408, "The request ran past its time limit.", code="request_timeout")
+            elif isinstance(exc, asyncio.CancelledError):
                 if not self._cut():
                     raise
                 err = APIError(503, "The router shut down before the answer was complete; retry the request.",

@@ -3,16 +3,19 @@ several processes). A module of its own so that `--processes` can start it in sp
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
+import signal
 import sys
 
 from aiohttp import web
 
 from protocol.cli import raise_open_files_limit, settings_or_exit
+from protocol.limits import JSONErrorRunner, header_limits
 from protocol.modelfiles import ModelNotFound, load_tokenizer, resolve_model_path
 from router.app import Router
-from router.settings import parse_args
+from router.settings import RouterSettings, parse_args
 
 
 def serve(argv: list[str] | None) -> int:
@@ -45,7 +48,22 @@ def serve(argv: list[str] | None) -> int:
     # handler_cancellation: a client that disconnects cancels its handler, which closes the upstream connection,
     # which makes the worker abort the request (a non-streamed one would otherwise generate to max_tokens).
     # On SIGTERM aiohttp stops listening and waits for handlers; Router.app ends them after the grace period.
-    web.run_app(router.app(), host=settings.host, port=settings.port, print=None, access_log=None,
-                reuse_port=settings.processes > 1, loop=loop_factory() if loop_factory else None,
-                handler_cancellation=True, shutdown_timeout=settings.shutdown_grace_s + 5)
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(_run(router.app(), settings))
     return 0
+
+
+async def _run(app: web.Application, settings: RouterSettings) -> None:
+    """web.run_app's job, with JSONErrorRunner: a malformed or oversized request head gets a JSON error."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    runner = JSONErrorRunner(app, access_log=None, handler_cancellation=True, head_timeout_s=settings.body_timeout_s,
+                             shutdown_timeout=settings.shutdown_grace_s + 5, **header_limits(settings.max_header_bytes))
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.host, settings.port, reuse_port=settings.processes > 1).start()
+        await stop.wait()
+    finally:
+        await runner.cleanup()

@@ -12,6 +12,8 @@ import yaml
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from protocol.limits import LimitSettings, add_limit_flags
+
 PolicyName = Literal["cache_aware", "consistent_hash", "round_robin", "least_loaded", "random"]
 POLICIES: tuple[str, ...] = PolicyName.__args__  # type: ignore[attr-defined]
 
@@ -54,7 +56,7 @@ class _FileSource(PydanticBaseSettingsSource):
         return load_config_file(self.path) if self.path else {}
 
 
-class RouterSettings(BaseSettings):
+class RouterSettings(BaseSettings, LimitSettings):
     model_config = SettingsConfigDict(env_prefix="PREFIXROUTE_ROUTER_", env_nested_delimiter="__")
 
     host: str = Field("127.0.0.1", description="address to listen on")
@@ -84,9 +86,18 @@ class RouterSettings(BaseSettings):
     max_queue_per_worker: int | None = Field(None, ge=1, description="requests in flight (running + waiting) a "
                                              "worker may have; past it on every worker, 429 with Retry-After. "
                                              "Unset: no bound")
+    max_queued_tokens_per_worker: int | None = Field(None, ge=1, description="prompt tokens a worker may have "
+                                                     "queued for prefill (its in-flight requests' uncached tokens "
+                                                     "not yet prefilled, as the router counts them); a request that "
+                                                     "would pass it goes elsewhere or waits, then 429. It bounds the "
+                                                     "prefill ahead of a request, so TTFT, while cache hits, which "
+                                                     "add little, still fit. Unset: no bound")
     queue_wait_s: float = Field(1.0, ge=0, description="how long a request may wait in the router for a worker "
                                 "below max_queue_per_worker before its 429")
     max_queued_requests: int = Field(1024, ge=0, description="requests waiting in the router at most; more: 429")
+    hold_for_cache: bool = Field(True, description="with max_queue_per_worker: a request whose best worker (by "
+                                 "cache_aware's cost) is full waits up to queue_wait_s for a slot there rather "
+                                 "than go where its prefix must be computed again")
     # tenants
     tenants: list[TenantConfig] = Field(default_factory=list, description="{id, api_key, secret} each; none: open "
                                         "mode, one tenant, no API key")
@@ -100,8 +111,23 @@ class RouterSettings(BaseSettings):
     connect_timeout_s: float = Field(3.0, gt=0, description="upstream connect timeout (then failover)")
     request_timeout_s: float = Field(600.0, gt=0, description="upstream timeout for a whole response")
     max_failover: int = Field(2, ge=0, description="other workers tried when one fails before streaming")
+    # per-worker circuit breaker (router.breaker): failures are those before the first byte (refused or broken
+    # connections, 5xx answers, timeouts); a passing health probe never closes an open breaker
+    breaker: bool = Field(True, description="a circuit breaker per worker: open, it keeps the worker off the ring")
+    breaker_failures: int = Field(5, ge=0, description="consecutive failures that open a worker's breaker (0: off)")
+    breaker_error_rate: float = Field(0.5, gt=0, le=1, description="a failure share over the last breaker_window "
+                                      "outcomes at or above this opens the breaker")
+    breaker_window: int = Field(20, ge=1, description="outcomes (requests) the error share is taken over")
+    breaker_min_requests: int = Field(10, ge=1, description="outcomes in the window before the share counts")
+    breaker_open_s: float = Field(5.0, gt=0, description="seconds an opened breaker stays open before one trial "
+                                  "request (half-open); doubled on each re-open")
+    breaker_max_open_s: float = Field(60.0, gt=0, description="cap of the doubled open time")
+    breaker_slow_s: float | None = Field(None, gt=0, description="a streamed answer's first byte slower than this "
+                                         "counts as a breaker failure (the answer is still relayed); unset: never")
     max_connections: int = Field(4096, ge=1, description="upstream connections open at once; more requests queue")
-    max_body_bytes: int = Field(32 << 20, ge=1024, description="larger request bodies get 413")
+    request_time_limit_s: float | None = Field(None, gt=0, description="a request still running this long after it "
+                                               "arrived is ended: 408 request_timeout, or that error as a stream's "
+                                               "last event; the upstream request is closed. Unset: no limit")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM: stop accepting, give requests in flight this "
                                     "long, then end them with an error the client sees (503 or an error event)")
     # Redis: the hit stats workers publish (/admin/stats)
@@ -160,14 +186,29 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--index-block-bytes", type=int)
     p.add_argument("--admin-key")
     p.add_argument("--max-queue-per-worker", type=int, help="requests in flight per worker before 429 (unset: none)")
+    p.add_argument("--max-queued-tokens-per-worker", type=int,
+                   help="prompt tokens queued for prefill per worker before a request goes elsewhere or waits")
     p.add_argument("--queue-wait-s", type=float, help="seconds a request may wait for a worker with room")
     p.add_argument("--max-queued-requests", type=int, help="requests waiting in the router at most")
+    p.add_argument("--no-hold-for-cache", dest="hold_for_cache", action="store_const", const=False,
+                   help="with a queue bound: never wait for a full worker that holds the prefix")
+    add_limit_flags(p)
+    p.add_argument("--request-time-limit-s", type=float, help="seconds a whole request may run (then 408)")
     p.add_argument("--redis-url", help="the Redis the workers publish hit stats to (redis://host:port/db)")
     p.add_argument("--stats-namespace")
     p.add_argument("--no-share-state", dest="share_state", action="store_const", const=False,
                    help="with Redis: keep routing state local (no sharing with other replicas)")
     p.add_argument("--no-discover-workers", dest="discover_workers", action="store_const", const=False)
     p.add_argument("--shutdown-grace-s", type=float, help="seconds requests in flight get after SIGTERM")
+    p.add_argument("--no-breaker", dest="breaker", action="store_const", const=False,
+                   help="no per-worker circuit breaker")
+    p.add_argument("--breaker-failures", type=int, help="consecutive failures that open a worker's breaker")
+    p.add_argument("--breaker-error-rate", type=float, help="failure share over the window that opens it")
+    p.add_argument("--breaker-window", type=int, help="outcomes the failure share is taken over")
+    p.add_argument("--breaker-min-requests", type=int, help="outcomes in the window before the share counts")
+    p.add_argument("--breaker-open-s", type=float, help="seconds open before one trial request (doubles)")
+    p.add_argument("--breaker-max-open-s", type=float, help="cap of the doubled open time")
+    p.add_argument("--breaker-slow-s", type=float, help="a streamed first byte slower than this is a failure")
     p.add_argument("--log-level")
     return p
 

@@ -34,7 +34,8 @@ def derive_key(secret: str) -> bytes:
 
 
 def _digest(api_key: str) -> bytes:
-    return hashlib.sha256(api_key.encode()).digest()
+    # surrogateescape: aiohttp decodes header bytes that are not UTF-8 that way; they must give a 401, not a 500
+    return hashlib.sha256(api_key.encode("utf-8", "surrogateescape")).digest()
 
 
 class Tenants:

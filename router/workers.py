@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 from yarl import URL
 
+from router.breaker import STATE_VALUE, Breaker, BreakerConfig
 from router.ring import Ring
 
 log = logging.getLogger("prefixroute.router.workers")
@@ -32,6 +34,7 @@ class Worker:
     fails: int = 0
     models: list[str] = field(default_factory=list)
     cache_tokens: int | None = None  # prompt tokens its prefix cache holds, as its /health says
+    breaker: Breaker | None = None  # router.breaker; None: no breaker
 
     @property
     def name(self) -> str:
@@ -39,7 +42,13 @@ class Worker:
 
     @property
     def usable(self) -> bool:
-        return self.healthy and not self.draining
+        # The breaker's on_ring changes only in WorkerPool methods that rebuild the ring (never with the clock).
+        return self.healthy and not self.draining and (self.breaker is None or self.breaker.on_ring)
+
+    @property
+    def breaker_state(self) -> int:
+        """0 closed (or no breaker), 1 half-open, 2 open."""
+        return STATE_VALUE[self.breaker.state] if self.breaker else 0
 
 
 def normalize_url(url: str) -> str:
@@ -53,9 +62,13 @@ def normalize_url(url: str) -> str:
 
 
 class WorkerPool:
-    def __init__(self, vnodes: int = 160, fail_threshold: int = 2):
+    def __init__(self, vnodes: int = 160, fail_threshold: int = 2, breaker: BreakerConfig | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.clock = clock  # the breakers' clock
         self.ring = Ring(vnodes)
         self.fail_threshold = fail_threshold
+        self.breaker_config = breaker  # None: workers get no circuit breaker
+        self._breakers_due: float | None = None  # the earliest time an open breaker may turn half-open
         self.workers: dict[str, Worker] = {}
         self.active: list[str] = []
         self._models: list[str] | None = None
@@ -64,6 +77,7 @@ class WorkerPool:
         self.on_remove: list[Callable[[str], None]] = []
         self.on_cache_size: list[Callable[[str, int], None]] = []  # a worker told its cache's size in tokens
         self.max_inflight: int | None = None  # admission's per-worker bound (router.admission); policies honour it
+        self.max_prefill: int | None = None  # admission's bound on a worker's queued prefill tokens
 
     # ---- PoolView -----------------------------------------------------------------------------------------
 
@@ -73,6 +87,14 @@ class WorkerPool:
 
     def worker(self, name: str) -> Worker | None:
         return self.workers.get(name)
+
+    def admits(self, w: Worker, prefill: int) -> bool:
+        """Admission's per-worker bounds (router.admission): another request that would prefill `prefill` tokens
+        there keeps `w` within its requests in flight and its queued prefill tokens. An idle worker takes any
+        request, even one longer than the token bound."""
+        if self.max_inflight is not None and w.inflight >= self.max_inflight:
+            return False
+        return self.max_prefill is None or w.prefill == 0 or w.prefill + prefill <= self.max_prefill
 
     def on_ring(self, name: str) -> bool:
         w = self.workers.get(name)
@@ -85,6 +107,8 @@ class WorkerPool:
         w = self.workers.get(url)
         if w is None:
             w = self.workers[url] = Worker(url, weight)
+            if self.breaker_config is not None:
+                w.breaker = Breaker(self.breaker_config, self.clock)
         else:
             w.weight, w.draining = weight, False
         self._rebuild()
@@ -169,6 +193,95 @@ class WorkerPool:
             w.healthy = True
             self._rebuild()
 
+    # ---- circuit breakers (router.breaker): outcomes of requests, never of probes ---------------------------
+
+    def tick(self) -> None:
+        """Open breakers whose time is over turn half-open (their worker rejoins the ring for one trial). O(1)
+        until the earliest is due; called before each decision and on each health round."""
+        due = self._breakers_due
+        if due is None or self.clock() < due:
+            return
+        changed, self._breakers_due = False, None
+        for w in self.workers.values():
+            b = w.breaker
+            if b is None:
+                continue
+            if b.poll():
+                changed = True
+                log.info("worker %s: circuit breaker half-open (one trial request)", w.name)
+            elif b.state == "open":
+                self._due(b.open_until)
+        if changed:
+            self._rebuild()
+
+    def _due(self, t: float) -> None:
+        if self._breakers_due is None or t < self._breakers_due:
+            self._breakers_due = t
+
+    def admit(self, name: str) -> str | None:
+        """Before a request is sent to `name`: "normal", "trial" (its breaker is half-open and this request is
+        the one trial; the worker leaves the ring until it ends) or None (its breaker refuses: try another)."""
+        w = self.workers.get(name)
+        if w is None:
+            return None
+        if w.breaker is None:
+            return "normal"
+        self.tick()
+        verdict = w.breaker.admit()
+        if verdict == "trial":
+            self._rebuild()
+        return verdict
+
+    def request_ok(self, name: str, trial: bool = False) -> None:
+        """The worker's answer began (first byte) in good time."""
+        w = self.workers.get(name)
+        if w is None:
+            return
+        w.fails = 0  # fail_threshold counts only consecutive failures
+        b = w.breaker
+        if b is not None:
+            was = b.on_ring
+            b.success(trial)
+            if trial:
+                log.info("worker %s: circuit breaker closed (trial succeeded)", name)
+            if b.on_ring != was:
+                self._rebuild()
+
+    def request_failed(self, name: str, trial: bool = False, immediate: bool = False) -> None:
+        """A request to the worker failed before its first byte (`immediate`: a refused connection)."""
+        self.mark_failed(name, immediate)
+        self._breaker_failure(name, trial, "failures")
+
+    def request_slow(self, name: str, trial: bool = False) -> None:
+        """The worker's first byte came, slower than breaker_slow_s: a failure for its breaker only."""
+        w = self.workers.get(name)
+        if w is not None:
+            w.fails = 0
+            self._breaker_failure(name, trial, "slow first bytes")
+
+    def _breaker_failure(self, name: str, trial: bool, why: str) -> None:
+        w = self.workers.get(name)
+        b = w.breaker if w is not None else None
+        if b is None:
+            return
+        opens, was = b.opens, b.on_ring
+        b.failure(trial)
+        if b.opens != opens:
+            log.warning("worker %s: circuit breaker open for %.1f s (%s)", name, b.open_for,
+                        "its trial failed" if trial else why)
+            self._due(b.open_until)
+        if b.on_ring != was:
+            self._rebuild()
+
+    def request_abandoned(self, name: str, trial: bool) -> None:
+        """A request ended with no outcome (its client left, shutdown): a trial's slot opens again."""
+        w = self.workers.get(name)
+        if w is not None and w.breaker is not None and trial:
+            was = w.breaker.on_ring
+            w.breaker.abandon(trial)
+            if w.breaker.on_ring != was:
+                self._rebuild()
+
     async def probe(self, client: aiohttp.ClientSession, w: Worker, timeout: float) -> None:
         t = aiohttp.ClientTimeout(total=timeout)
         models = None
@@ -202,6 +315,7 @@ class WorkerPool:
         while True:
             await asyncio.sleep(interval)
             try:
+                self.tick()
                 await self.probe_all(client, timeout)
             except Exception:  # the loop must survive anything a probe does
                 log.exception("health round failed")

@@ -14,6 +14,7 @@ import torch
 from aiohttp import web
 
 from protocol.cli import settings_or_exit
+from protocol.limits import JSONErrorRunner, header_limits
 from protocol.redis import redis_client
 from protocol.statskeys import Keys
 from worker.engine.engine import Engine, EngineConfig
@@ -111,8 +112,11 @@ async def serve(servers: list[WorkerServer]) -> None:
         for srv in servers:
             # handler_cancellation: a client (or router) that disconnects cancels its handler, which aborts the
             # request in the engine, streamed or not. The shutdown timeout covers the grace period below.
-            r = web.AppRunner(srv.app(), access_log=None, handler_cancellation=True,
-                              shutdown_timeout=srv.settings.shutdown_grace_s + 10)
+            # JSONErrorRunner: a malformed or oversized request head gets a JSON error, not aiohttp's plain text.
+            r = JSONErrorRunner(srv.app(), access_log=None, handler_cancellation=True,
+                                shutdown_timeout=srv.settings.shutdown_grace_s + 10,
+                                head_timeout_s=srv.settings.body_timeout_s,
+                                **header_limits(srv.settings.max_header_bytes))
             await r.setup()
             await web.TCPSite(r, srv.settings.host, srv.settings.port).start()
             runners.append(r)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from aiohttp import web
 
 from protocol.errors import APIError
 from protocol.http import SSE_DONE, SSE_HEADERS, metrics_response, openai_app, parse_model, read_json, sse
+from protocol.limits import Limits, check_max_tokens
 from protocol.openai import (
     AssistantMessage,
     ChatChoice,
@@ -71,6 +73,7 @@ class WorkerServer:
         self.version_label = BoundedLabels(64)
         self.created = now()
         self.draining = False  # shutting down: new requests get 503 (a router retries them elsewhere)
+        self.fault_rng = random.Random(f"fault:{settings.name}")  # testing faults, reproducible per worker
 
     def gauges(self) -> dict[str, int]:
         """The engine's live state, as the stats in Redis carry it."""
@@ -79,7 +82,7 @@ class WorkerServer:
                 "cache_capacity_bytes": c.capacity_bytes, "running": e.num_running, "waiting": e.num_waiting}
 
     def app(self) -> web.Application:
-        app = openai_app(self, self.settings.max_body_bytes)
+        app = openai_app(self, self.settings.max_body_bytes, Limits.of(self.settings))
         # SGLang's native info endpoints, which SGLang's router probes on every worker it is given.
         for path in ("/get_model_info", "/model_info"):
             app.router.add_get(path, self.model_info)
@@ -130,7 +133,9 @@ class WorkerServer:
                      req: ChatCompletionRequest | CompletionRequest) -> web.StreamResponse:
         started = time.monotonic()
         try:
+            await self._inject_faults()
             req.check_supported()
+            check_max_tokens(req, self.settings.max_tokens_limit)
             self._check_model(req.model)
             prep = await asyncio.to_thread(self._prepare, req)
             if self.draining:
@@ -160,6 +165,14 @@ class WorkerServer:
         self.metrics.requests.labels(endpoint, "499" if stream.client_gone else str(resp.status)).inc()
         return resp
 
+    async def _inject_faults(self) -> None:
+        """Testing (fault_error_rate, fault_delay_s): a flaky worker's 500 at once, a slow worker's wait."""
+        s = self.settings
+        if s.fault_error_rate and self.fault_rng.random() < s.fault_error_rate:
+            raise APIError(500, "Injected fault (testing: fault_error_rate).", code="injected_fault")
+        if s.fault_delay_s:
+            await asyncio.sleep(s.fault_delay_s)
+
     def _tags(self, request: web.Request, req: ChatCompletionRequest | CompletionRequest) -> _Tags:
         """What stats and metrics count this request under: what the router sent, else the request's own."""
         h = request.headers
@@ -188,6 +201,11 @@ class WorkerServer:
         if not ids:
             raise APIError(400, "The prompt is empty.", param="prompt")
         ctx = self.loaded.max_model_len
+        cap = self.settings.max_prompt_tokens
+        if cap is not None and len(ids) > cap:
+            raise APIError(400, f"The prompt is {len(ids)} tokens; at most {cap} are allowed.",
+                           param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+                           code="context_length_exceeded")
         limit = req.token_limit()
         if len(ids) >= ctx or (limit is not None and len(ids) + limit > ctx):
             raise APIError(

@@ -9,8 +9,10 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from protocol.limits import LimitSettings, add_limit_flags
 
-class WorkerSettings(BaseSettings):
+
+class WorkerSettings(BaseSettings, LimitSettings):
     model_config = SettingsConfigDict(env_prefix="PREFIXROUTE_WORKER_")
 
     host: str = Field("127.0.0.1", description="address to listen on")
@@ -28,7 +30,6 @@ class WorkerSettings(BaseSettings):
     max_batch_tokens: int = Field(512, ge=16, description="tokens per engine step (decode + one prefill chunk)")
     max_waiting: int = Field(1024, ge=0, description="queued requests beyond which new ones get 503")
     cache_generated: bool = Field(True, description="also cache blocks of generated tokens (multi-turn hits)")
-    max_body_bytes: int = Field(32 << 20, ge=1024, description="larger request bodies get 413")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM: stop accepting, leave Redis, give requests "
                                     "in flight this long, then end them with an error the client sees")
     log_level: str = Field("info", description="debug, info, warning or error")
@@ -43,6 +44,10 @@ class WorkerSettings(BaseSettings):
     stats_interval_s: float = Field(1.0, gt=0, le=60, description="seconds between writes of hit stats to Redis")
     heartbeat_ttl_s: float = Field(10.0, gt=0, description="a heartbeat older than this: gone, for the routers")
     advertise_url: str | None = Field(None, description="the URL routers reach this worker at; default http://host:port")
+    fault_delay_s: float = Field(0.0, ge=0, description="testing: extra seconds each completion request waits "
+                                 "before it is scheduled (a slow worker)")
+    fault_error_rate: float = Field(0.0, ge=0, le=1, description="testing: this share of completion requests is "
+                                    "answered at once with a 500 error (code injected_fault; a flaky worker)")
 
     @field_validator("redis_url", "model", "advertise_url", "worker_id", mode="before")
     @classmethod
@@ -82,6 +87,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--max-batch-tokens", type=int)
     p.add_argument("--max-waiting", type=int)
+    add_limit_flags(p)
     p.add_argument("--no-cache-generated", dest="cache_generated", action="store_const", const=False)
     p.add_argument("--log-level")
     p.add_argument("--backend", choices=["model", "sim"])
@@ -94,6 +100,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stats-interval-s", type=float)
     p.add_argument("--advertise-url", help="the URL routers reach this worker at (default http://host:port)")
     p.add_argument("--shutdown-grace-s", type=float, help="seconds requests in flight get after SIGTERM")
+    p.add_argument("--fault-delay-s", type=float, help="testing: extra seconds before each request is scheduled")
+    p.add_argument("--fault-error-rate", type=float, help="testing: share of requests answered with a 500 at once")
     return p
 
 

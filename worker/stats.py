@@ -23,6 +23,16 @@ from protocol.statskeys import COUNTERS, KEY_TTL_S, OTHER, TOP_KEYS, Keys
 
 log = logging.getLogger("prefixroute.worker.stats")
 
+# Trims the hottest-keys set to its size and deletes the per-key hashes of the keys it drops, in one step: with
+# unique prompts every request has a key of its own, and hashes kept for a day after the set forgot them grew Redis
+# by one hash per request (bench/memory_bound.py).
+_TRIM_KEYS = """
+local gone = redis.call('ZRANGE', KEYS[1], 0, -(tonumber(ARGV[1]) + 1))
+for _, m in ipairs(gone) do redis.call('UNLINK', ARGV[2] .. m) end
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[1]) + 1))
+return #gone
+"""
+
 
 class _Pending:
     """Deltas not yet written."""
@@ -155,7 +165,7 @@ class StatsPublisher:
                 if tenant is not None:
                     pipe.hset(h, "tenant", tenant)
                 pipe.expire(h, KEY_TTL_S)
-            pipe.zremrangebyrank(k.keys, 0, -(TOP_KEYS + 1))  # keep the hottest keys only
+            pipe.eval(_TRIM_KEYS, 1, k.keys, TOP_KEYS, k.key(""))  # keep the hottest keys only, and their hashes
         await pipe.execute()
 
     async def close(self) -> None:

@@ -23,6 +23,7 @@ class Decision:
     prefill: int = 0  # prompt tokens the worker is expected to compute (not cached there)
     context: int = 0  # prompt tokens (estimated)
     candidates: Sequence[str] = ()  # the workers the policy weighed (cache_aware), for /admin/route
+    hold: bool = False  # wait for room on `worker` (full now), then decide again; nothing was counted
 
     def fallbacks(self, limit: int) -> list[str]:
         """The first `limit` failover candidates: O(limit), whatever the size of the fleet."""
@@ -67,6 +68,9 @@ class PoolView(Protocol):
     active: list[str]
     active_inflight: int
     max_inflight: int | None  # a worker at this many requests in flight is full (admission control)
+    max_prefill: int | None  # a worker with this many prompt tokens queued for prefill is full (admission control)
+
+    def admits(self, w: Worker, prefill: int) -> bool: ...
 
     def inflight(self, name: str) -> int: ...
 
@@ -78,8 +82,9 @@ class PoolView(Protocol):
 class Policy(Protocol):
     name: str
 
-    def choose(self, keys: RouteKeys, pool: PoolView, dry_run: bool = False) -> Decision:
+    def choose(self, keys: RouteKeys, pool: PoolView, dry_run: bool = False, hold: bool = False) -> Decision:
         """The worker for this request. `dry_run`: the same decision, counted nowhere (rates, index, sessions
-        and rotation stay as they were), for /admin/route."""
+        and rotation stay as they were), for /admin/route. `hold`: the caller may wait for a full worker (a
+        policy that can tell it is worth it returns a Decision with `hold` set; others ignore it)."""
         ...
 

@@ -72,7 +72,10 @@ class CacheAware:
         w = pool.worker(name)
         return w.prefill + self.decode_weight * w.context if w is not None else math.inf
 
-    def choose(self, keys: RouteKeys, pool: PoolView, dry_run: bool = False) -> Decision:
+    def choose(self, keys: RouteKeys, pool: PoolView, dry_run: bool = False, hold: bool = False) -> Decision:
+        """The decision; with `hold`, when the best worker is full (admission's per-worker bound) and beats every
+        worker with room, a held decision naming it, which changes no state: the caller waits for room there
+        and asks again (`hold=False` once it may wait no longer)."""
         depth = self.index.match(keys.blocks)
         seen = max(depth.values(), default=0)
         # The request's group: its longest prefix seen before (a shared system prompt or document, or the
@@ -99,15 +102,14 @@ class CacheAware:
         def expected_hit(blocks: int) -> int:  # never the prompt's last token, as engines count
             return min(keys.tokens_through(blocks), max(0, total - 1))
 
-        bound = math.ceil(self.c * (pool.active_inflight + 1) / n) + self.s
-        if pool.max_inflight is not None:
-            bound = min(bound, pool.max_inflight)
+        balance = math.ceil(self.c * (pool.active_inflight + 1) / n) + self.s
         now = self.rates.clock()
         pw = self.prefill_weight
         pick, best, pick_hit = "", (math.inf, 0, 0.0), 0
+        full, full_best, full_hit = "", (math.inf, 0, 0.0), 0  # the best worker only admission's bound rules out
         for name in candidates:
             w = pool.worker(name)
-            if w is None or not w.usable or w.inflight + 1 > bound:
+            if w is None or not w.usable or w.inflight + 1 > balance:
                 continue
             hit = expected_hit(seen if name in fan else depth.get(name, 0))
             cost = w.prefill + dw * w.context + pw * (total - hit)
@@ -116,10 +118,19 @@ class CacheAware:
             # ties: fewest in flight; then fewest requests sent lately, but for a prompt seen nowhere, which
             # an idle fleet places at its ring home in every router process
             score = (cost, w.inflight, self.recent.get(name, now) if seen else 0.0)
-            if score < best:
+            if not pool.admits(w, total - hit):
+                if score < full_best:
+                    full, full_best, full_hit = name, score, hit
+            elif score < best:
                 pick, best, pick_hit = name, score, hit
+        if hold and full and full_best < best:
+            # Placing it elsewhere would recompute what the full worker holds, on a fleet that is out of room:
+            # waiting for that worker's next free slot costs less.
+            return Decision(full, "hold", order, 0, k, prefill=total - full_hit, context=total,
+                            candidates=list(candidates), hold=True)
         if not pick:  # every candidate is over the bound: the next ring worker under it
-            pick = next((name for name in order if pool.inflight(name) + 1 <= bound), least)
+            pick = next((name for name in order if pool.inflight(name) + 1 <= balance
+                         and pool.admits(pool.worker(name), total)), least)
             pick_hit = expected_hit(depth.get(pick, 0))
         if pick == last:
             reason = "session"

@@ -9,6 +9,6 @@ from router.prefix import RouteKeys
 class ConsistentHash:
     name = "consistent_hash"
 
-    def choose(self, keys: RouteKeys, pool: PoolView, dry_run: bool = False) -> Decision:
+    def choose(self, keys: RouteKeys, pool: PoolView, dry_run: bool = False, hold: bool = False) -> Decision:
         order = pool.ring.order(keys.key)
         return Decision(order[0], self.name, order, 1)

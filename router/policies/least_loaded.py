@@ -9,7 +9,7 @@ from router.prefix import RouteKeys
 class LeastLoaded:
     name = "least_loaded"
 
-    def choose(self, keys: RouteKeys, pool: PoolView, dry_run: bool = False) -> Decision:
+    def choose(self, keys: RouteKeys, pool: PoolView, dry_run: bool = False, hold: bool = False) -> Decision:
         names = pool.active
         i = min(range(len(names)), key=lambda j: pool.inflight(names[j]))
         return Decision(names[i], self.name, names, i + 1)

@@ -14,7 +14,7 @@ class RandomPolicy:
     def __init__(self, seed: int | None = None) -> None:
         self._rng = random.Random(seed)
 
-    def choose(self, keys: RouteKeys, pool: PoolView, dry_run: bool = False) -> Decision:
+    def choose(self, keys: RouteKeys, pool: PoolView, dry_run: bool = False, hold: bool = False) -> Decision:
         names = pool.active
         rng = self._rng
         if dry_run:

@@ -12,7 +12,7 @@ class RoundRobin:
     def __init__(self) -> None:
         self._next = 0
 
-    def choose(self, keys: RouteKeys, pool: PoolView, dry_run: bool = False) -> Decision:
+    def choose(self, keys: RouteKeys, pool: PoolView, dry_run: bool = False, hold: bool = False) -> Decision:
         names = pool.active
         i = self._next % len(names)
         if not dry_run:

@@ -219,3 +219,34 @@ def test_admission_answers_429_with_retry_after_when_every_worker_is_full(tmp_pa
     finally:
         stop_process(rproc)
         stop_process(wproc)
+
+
+def test_a_request_waits_for_the_full_worker_that_holds_its_prefix_then_is_refused_past_the_wait():
+    workers, wproc = start_sim_workers(2)
+    router, rproc = start_router(workers, "--max-queue-per-worker", "1", "--queue-wait-s", "1.5")
+    doc = " ".join(f"clause{i} of the bakery's contract says bread is baked daily." for i in range(60))
+    try:
+        with httpx.Client(timeout=30) as c:
+            first = c.post(router + "/v1/completions", json=body(1, False, doc + " Q0?"))
+            home = first.headers["x-prefixroute-worker"]
+            for hold_s, max_tokens in ((0.4, 60), (3.0, 600)):  # the home worker frees within the wait, or not
+                with c.stream("POST", router + "/v1/completions", json=body(max_tokens, True, doc + " Q1?")) as s:
+                    lines = s.iter_lines()
+                    next(lines)
+                    assert s.headers["x-prefixroute-worker"] == home and busy(workers) == 1
+                    t0 = time.monotonic()
+                    r = c.post(router + "/v1/completions", json=body(2, False, doc + " Q2?"))
+                    waited = time.monotonic() - t0
+                    for _ in lines:
+                        pass
+                if hold_s < 1:  # held until the stream ended, then served where the document is cached
+                    assert r.status_code == 200 and r.headers["x-prefixroute-worker"] == home, r.text
+                    assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+                else:  # the worker stayed full for the whole wait: refused rather than recomputed elsewhere
+                    assert r.status_code == 429 and r.headers["x-prefixroute-refused"] == "queue_full", r.text
+                    assert 1.3 < waited < 2.8
+            metrics = c.get(router + "/metrics").text
+        assert "prefixroute_router_admission_held_total 2.0" in metrics
+    finally:
+        stop_process(rproc)
+        stop_process(wproc)

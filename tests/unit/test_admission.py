@@ -130,3 +130,85 @@ def test_router_queue_waits_for_a_slot_in_order_and_refuses_past_its_wait():
         assert a.waiting == 0 and a.refused == ["queue_full", "queue_full"]
 
     asyncio.run(run())
+
+
+def test_cache_aware_holds_for_a_full_worker_that_holds_the_prefix_only_when_asked():
+    from router.policies import make_policy
+    from router.prefix import RouteKeys
+
+    _, pool = admission(max_queue=1)
+    policy = make_policy(RouterSettings(max_queue_per_worker=1))
+    doc = RouteKeys(key=b"k" * 16, session=None, prefix_tokens=8, tokenize_s=0.0, blocks=[1, 2, 3],
+                    block_tokens=[1000, 2000, 3000], prompt_tokens=3000)
+    home = policy.choose(doc, pool).worker
+    pool.acquire(home)  # full now
+    index_before = dict(policy.index.match(doc.blocks))
+    held = policy.choose(doc, pool, hold=True)
+    assert held.hold and held.worker == home and held.reason == "hold"
+    assert policy.index.match(doc.blocks) == index_before  # a held decision counts nothing
+    moved = policy.choose(doc, pool)  # may not wait: the worker with room, which must compute the prefix
+    assert not moved.hold and moved.worker != home
+    other = next(n for n in pool.active if n != home)
+    pool.acquire(other)
+    pool.release(home)
+    # a prompt cached nowhere gains nothing by waiting: the worker with room at once
+    fresh = RouteKeys(key=b"f" * 16, session=None, prefix_tokens=8, tokenize_s=0.0, blocks=[9], block_tokens=[500],
+                      prompt_tokens=500)
+    d = policy.choose(fresh, pool, hold=True)
+    assert not d.hold and d.worker == home
+
+
+def test_a_held_request_gets_its_workers_next_slot_before_requests_waiting_for_any():
+    async def run():
+        clock_start = asyncio.get_running_loop().time
+        a, pool = admission(max_queue=1, wait_s=0.5, max_waiting=4)
+        a.clock = clock_start
+        w0, w1 = pool.active
+        pool.acquire(w0)
+        pool.acquire(w1)
+        deadline = a.clock() + 0.5
+        held = asyncio.create_task(a.wait_for_worker(w0, deadline))
+        anyone = asyncio.create_task(a.wait_for_room())
+        await asyncio.sleep(0.01)
+        assert a.waiting == 2
+        pool.release(w0)
+        a.released(w0)
+        assert await held is True and not anyone.done()  # w0's slot went to the request held for it
+        pool.acquire(w0)
+        pool.release(w1)
+        a.released(w1)  # nobody holds for w1: the next waiter for any worker
+        assert await anyone == pytest.approx(deadline, abs=0.05)
+        pool.acquire(w1)
+        assert await a.wait_for_worker(w0, a.clock() + 0.05) is False  # no slot within the wait
+        assert a.waiting == 0
+
+    asyncio.run(run())
+
+
+def test_the_token_bound_keeps_cold_prompts_off_a_queued_worker_but_lets_a_cache_hit_in():
+    from router.policies import make_policy
+    from router.prefix import RouteKeys
+
+    a, pool = admission()
+    pool.max_prefill = 10_000
+    a.max_tokens = 10_000
+    policy = make_policy(RouterSettings(max_queued_tokens_per_worker=10_000))
+    doc = RouteKeys(key=b"d" * 16, session=None, prefix_tokens=8, tokenize_s=0.0, blocks=[1, 2],
+                    block_tokens=[4000, 8000], prompt_tokens=8000)
+    home = policy.choose(doc, pool).worker
+    other = next(n for n in pool.active if n != home)
+    pool.acquire(home, prefill=9_000)
+    assert not pool.admits(pool.worker(home), 8000) and pool.admits(pool.worker(home), 500)
+    assert pool.admits(pool.worker(other), 50_000)  # an idle worker takes anything
+    hit = RouteKeys(key=b"d" * 16, session=None, prefix_tokens=8, tokenize_s=0.0, blocks=[1, 2, 3],
+                    block_tokens=[4000, 8000, 8200], prompt_tokens=8200)
+    assert policy.choose(hit, pool).worker == home  # 200 new tokens fit beside the 9,000 queued
+    cold = RouteKeys(key=b"c" * 16, session=None, prefix_tokens=8, tokenize_s=0.0, blocks=[7], block_tokens=[6000],
+                     prompt_tokens=6000)
+    pool.acquire(other, prefill=5_000)
+    assert policy.choose(cold, pool).worker == other  # 6,000 would pass the bound on home, not on other
+    assert a.has_room() and a.enabled
+    pool.acquire(other, prefill=5_000)
+    assert a.has_room()  # home has 9,000 of 10,000 queued: room for a short prompt
+    pool.acquire(home, prefill=1_000)
+    assert not a.has_room()

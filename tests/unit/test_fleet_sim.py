@@ -42,3 +42,21 @@ def test_cache_aware_reaches_the_pooled_cache_and_round_robin_does_not():
     assert rr.hit_ratio <= 0.5 * pooled and rr.max_mean <= 1.01
     assert ca.ttft_p50_s < rr.ttft_p50_s  # hits shorten prefill, and so the queues behind it
     assert ca.reasons.get("cache", 0) > 0 and set(rr.reasons) == {"round_robin"}  # turns follow their cache
+
+
+@needs_trace
+def test_admission_in_the_simulation_bounds_ttft_under_overload_and_holding_keeps_the_hits():
+    reqs = load_trace(TRACE, 1500)
+    profile = GpuProfile()
+    n = 8
+    pooled = offline_hit_ratio(reqs, n * per_worker_blocks(profile))
+    speed = 2 * saturation_speed(reqs, n, pooled, profile)
+    off = simulate(reqs, n, RouterSettings(workers=[]), speed, profile)
+    runs = {hold: simulate(reqs, n, RouterSettings(workers=[], max_queued_tokens_per_worker=100_000, queue_wait_s=3,
+                                                   hold_for_cache=hold), speed, profile) for hold in (True, False)}
+    on = runs[True]
+    assert off.refused == 0 and len(off.admitted) == len(reqs)
+    assert on.refused > 0 and len(on.admitted) + on.refused == len(reqs)
+    assert on.ttft_p99_s < off.ttft_p99_s / 2
+    # refusing a held request beats recomputing its prefix elsewhere
+    assert on.hit_ratio > 1.2 * runs[False].hit_ratio

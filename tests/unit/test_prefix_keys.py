@@ -146,7 +146,7 @@ def test_a_chat_is_rendered_only_through_the_messages_the_key_needs(keyer, msgs)
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     want = full_key_ids(keyer.tokenizer, messages, 64)
     assert got.key == keyer.keys(A, req, None).key and got.prefix_tokens == len(want)
-    assert k._chat(messages)[0] == want
+    assert k._chat(messages, A.key)[0] == want
     needed = 4 if len(want) < 64 else (1 if msgs[0] == LONG_SYSTEM else 3)
     if needed < len(msgs):  # the long last turn is never rendered
         assert max(rec.renders) < len(msgs)
@@ -170,6 +170,24 @@ def test_a_repeated_chat_prefix_is_neither_rendered_nor_tokenized_again(keyer, m
     # a changed message inside the key's messages is rendered again and keyed differently
     changed = k.keys(A, chat("Now. " + msgs[0], *msgs[1:]), None)
     assert changed.key != first.key and rec.renders
+
+
+def test_the_memos_are_per_tenant_so_another_tenant_cannot_time_them(keyer):
+    """A text one tenant sent is tokenized (and a chat rendered) again for another tenant: a shared memo would make
+    the other's request measurably faster, telling it the text was sent (tests/integration/test_tenant_isolation.py
+    times it end to end)."""
+    rec = RecordingTokenizer(keyer.tokenizer)
+    k = PrefixKeyer(rec, prefix_tokens=64)
+    _ = k._prefix_stable
+    for req in (chat(LONG_SYSTEM, "q"), CompletionRequest.model_validate({"prompt": LONG_SYSTEM})):
+        k.keys(A, req, None)
+        calls, renders = rec.calls, len(rec.renders)
+        k.keys(A, req, None)
+        assert rec.calls == calls and len(rec.renders) == renders  # the same tenant: memoized
+        k.keys(B, req, None)
+        assert rec.calls > calls  # another tenant: tokenized again
+        if isinstance(req, ChatCompletionRequest):
+            assert len(rec.renders) > renders
 
 
 @pytest.mark.parametrize("p", [8, 64])

@@ -92,4 +92,7 @@ async def test_only_the_hottest_keys_are_kept(redis_url, monkeypatch):
             p.record(1, 0, 1, key=f"k{i}")
     assert await p.flush()
     assert await p.client.zrange(Keys("t").keys, 0, -1) == [f"k{i}" for i in range(15, 20)]
+    # the dropped keys' hashes go with them: Redis holds TOP_KEYS hashes, not one per key ever seen
+    hashes = sorted([k async for k in p.client.scan_iter(match=Keys("t").key("*"))])
+    assert hashes == sorted(Keys("t").key(f"k{i}") for i in range(15, 20))
     await p.client.aclose()
