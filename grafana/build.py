@@ -19,6 +19,7 @@ RI = "$__rate_interval"
 W = 'instance=~"$worker"'
 T = 'tenant=~"$tenant"'
 HIT = T + ',outcome="hit"'
+LE32 = T + ',le="32.0"'  # the bucket label as prometheus_client writes it (Prometheus 2 keeps it verbatim)
 
 
 def rate(metric: str, sel: str = "") -> str:
@@ -98,6 +99,14 @@ PANELS: list[tuple[str, str, str, str, list[tuple[str, str]]]] = [
      [("workers on the ring", "max(prefixroute_router_workers_active)"),
       ("breakers not closed", "max(count(prefixroute_router_breaker_state > 0) or vector(0))"),
       ("redis up", "min(prefixroute_router_redis_up)")]),
+    ("Early divergence", "Did a rollout put something variable near the top of the prompt? Share of requests "
+     "whose stable prefix diverges from every recent request of their tenant within 32 tokens, and the median "
+     "shared depth.", "timeseries", "short",
+     [("share within 32 tokens {{tenant}}",
+       f"sum by (tenant) ({rate('prefixroute_router_prefix_shared_tokens_bucket', LE32)}) / "
+       f"sum by (tenant) ({rate('prefixroute_router_prefix_shared_tokens_count', T)})"),
+      ("median shared tokens {{tenant}}", "histogram_quantile(0.5, sum by (le, tenant) "
+                                          f"({rate('prefixroute_router_prefix_shared_tokens_bucket', T)}))")]),
 ]
 
 

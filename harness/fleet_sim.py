@@ -2,7 +2,8 @@
 policies and worker pool to simulated workers, each with the worker's own BlockCache and the sim backend's GPU
 cost model, in one discrete-event loop; and the offline references (one pooled LRU of the fleet's total size,
 an infinite cache). One trace block is one cache entry (a block_size-1 chain over hash ids), so prefix
-semantics are the engine's.
+semantics are the engine's. A block is TRACE_BLOCK tokens (Mooncake's 512) unless `block_tokens` says otherwise
+(hash ids of token chains at the worker's block size, as the prefix doctor builds them).
 
 Each simulated worker: a FIFO prefill server (profile.prefill_s on the uncached tokens, plus one decode step
 of the running batch per prefill, as chunked-prefill engines interleave them), then decode for
@@ -47,9 +48,9 @@ def load_trace(path: Path = TRACE, n: int | None = None) -> list[dict[str, Any]]
     return out
 
 
-def cached_tokens(req: dict[str, Any], hit_blocks: int) -> int:
+def cached_tokens(req: dict[str, Any], hit_blocks: int, block_tokens: int = TRACE_BLOCK) -> int:
     """Counted like a worker counts: whole blocks only, and never the prompt's last token."""
-    return min(hit_blocks, (req["input_length"] - 1) // TRACE_BLOCK) * TRACE_BLOCK
+    return min(hit_blocks, (req["input_length"] - 1) // block_tokens) * block_tokens
 
 
 def insert_chain(cache: BlockCache, ids: list[int], chain: list) -> list:
@@ -64,19 +65,20 @@ def insert_chain(cache: BlockCache, ids: list[int], chain: list) -> list:
     return chain
 
 
-def per_worker_blocks(profile: GpuProfile) -> int:
-    return profile.kv_capacity_bytes // (profile.kv_bytes_per_token * TRACE_BLOCK)
+def per_worker_blocks(profile: GpuProfile, block_tokens: int = TRACE_BLOCK) -> int:
+    return profile.kv_capacity_bytes // (profile.kv_bytes_per_token * block_tokens)
 
 
-def offline_hit_ratio(reqs: list[dict[str, Any]], capacity_blocks: int | None) -> float:
-    """Cached / prompt tokens through one LRU of `capacity_blocks` trace blocks (None: infinite), with the
-    worker's own BlockCache."""
+def offline_hit_ratio(reqs: list[dict[str, Any]], capacity_blocks: int | None,
+                      block_tokens: int = TRACE_BLOCK) -> float:
+    """Cached / prompt tokens through one LRU of `capacity_blocks` blocks of `block_tokens` (None: infinite),
+    with the worker's own BlockCache."""
     cache = BlockCache(1, capacity_blocks if capacity_blocks is not None else 1 << 62)
     hits = total = 0
     for r in reqs:
         ids = r["hash_ids"]
         chain = cache.acquire_prefix(ids, None, len(ids))
-        hits += cached_tokens(r, len(chain))
+        hits += cached_tokens(r, len(chain), block_tokens)
         total += r["input_length"]
         cache.release(insert_chain(cache, ids, chain))
     return hits / total
@@ -100,7 +102,8 @@ def _digest(*parts: Any) -> bytes:
     return blake2b(repr(parts).encode(), digest_size=16).digest()
 
 
-def route_keys(req: dict[str, Any], prefix_tokens: int = 256, seed: int = 0) -> RouteKeys:
+def route_keys(req: dict[str, Any], prefix_tokens: int = 256, seed: int = 0,
+               block_tokens: int = TRACE_BLOCK) -> RouteKeys:
     """What the router computes for a completion prompt built from this trace line: the routing key over the
     first P tokens, and the prompt's block chain: the trace's own hash ids (equal ids mean equal prefixes), with
     their token counts.
@@ -113,8 +116,8 @@ def route_keys(req: dict[str, Any], prefix_tokens: int = 256, seed: int = 0) -> 
     ids = req["hash_ids"]
     salt = (seed,) if seed else ()
     blocks = [(seed << 48) | i for i in ids] if seed else ids
-    return RouteKeys(_digest(*salt, ids[:-(-p // TRACE_BLOCK)], p), None, p, 0.0, blocks,
-                     [min(n, TRACE_BLOCK * (i + 1)) for i in range(len(ids))], n)
+    return RouteKeys(_digest(*salt, ids[:-(-p // block_tokens)], p), None, p, 0.0, blocks,
+                     [min(n, block_tokens * (i + 1)) for i in range(len(ids))], n)
 
 
 @dataclass
@@ -145,13 +148,15 @@ class Outcome:
 
 
 def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed: float,
-             profile: GpuProfile = GpuProfile(), max_output: int = 64, seed: int = 0) -> Outcome:
+             profile: GpuProfile = GpuProfile(), max_output: int = 64, seed: int = 0,
+             block_tokens: int = TRACE_BLOCK) -> Outcome:
     """Replay `reqs` at `speed` x trace time through `settings.policy` to n simulated workers. `seed` salts the
-    routing keys and block chains (see route_keys) and seeds the random policy's RNG."""
+    routing keys and block chains (see route_keys) and seeds the random policy's RNG; each hash id stands for
+    `block_tokens` tokens."""
     clock = [0.0]
     policy = RandomPolicy(seed) if settings.policy == "random" else make_policy(settings, clock=lambda: clock[0])
     pool = WorkerPool(vnodes=settings.vnodes)
-    cap = per_worker_blocks(profile)
+    cap = per_worker_blocks(profile, block_tokens)
     kv_cap = profile.kv_capacity_bytes // profile.kv_bytes_per_token
     workers = {}
     for i in range(n):
@@ -159,7 +164,7 @@ def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed
         pool.mark_ok(w.url)
         workers[w.url] = SimWorker(w.url, BlockCache(1, cap))
         if hasattr(policy, "index"):  # what a live worker reports on /health
-            policy.index.set_budget(w.url, cap * TRACE_BLOCK)
+            policy.index.set_budget(w.url, cap * block_tokens)
     events: list[tuple[float, int, str, Any]] = []
     seq = 0
 
@@ -200,7 +205,7 @@ def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed
         w.kv_tokens += reserve(r)
         ids = r["hash_ids"]
         chain = w.cache.acquire_prefix(ids, None, len(ids))
-        cached = cached_tokens(r, len(chain))
+        cached = cached_tokens(r, len(chain), block_tokens)
         w.prompt_tokens += r["input_length"]
         w.cached_tokens += cached
         pins[i] = chain
@@ -223,7 +228,7 @@ def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed
 
     def admit(i: int, now: float, deadline: float) -> None:
         """Place request i, or park it until a slot frees (or its deadline), or refuse it."""
-        keys = route_keys(reqs[i], settings.prefix_tokens, seed)
+        keys = route_keys(reqs[i], settings.prefix_tokens, seed, block_tokens)
         if admission.enabled and (not admission.has_room() or (waiting and i not in parked)):
             if len(parked) >= admission.max_waiting and i not in parked:
                 refused.append(i)
@@ -262,7 +267,7 @@ def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed
             if data not in parked:
                 continue
             _, d = parked.pop(data)
-            keys = route_keys(reqs[data], settings.prefix_tokens, seed)
+            keys = route_keys(reqs[data], settings.prefix_tokens, seed, block_tokens)
             if d is None or admission.refuses_after_hold(d.prefill,
                                                          lambda: policy.choose(keys, pool, dry_run=True).prefill):
                 refused.append(data)

@@ -1,4 +1,5 @@
-"""`python -m loadgen replay|synth|compare`: run a workload against OpenAI URLs and write its report."""
+"""`python -m loadgen replay|synth|compare`: run a workload against OpenAI URLs and write its report;
+`python -m loadgen analyze LOG`: the prefix doctor (loadgen.doctor.cli)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import httpx
 
 from loadgen import report, shapes
 from loadgen.replay import Job, Result, replay
-from loadgen.synth import KINDS, generate
+from loadgen.synth import KILLERS, KINDS, generate
 from loadgen.traces import (
     MooncakeLine,
     PromptBuilder,
@@ -48,6 +49,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m loadgen", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("analyze", add_help=False, help="the prefix doctor on a traffic log (see analyze --help)")
     for name in ("replay", "compare"):
         p = sub.add_parser(name)
         p.add_argument("trace", type=Path, help="Mooncake JSONL (.gz too) or loadgen request JSONL")
@@ -66,6 +68,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--tenant-key", action="append", help="API keys of the tenants workload")
+    p.add_argument("--killer", choices=KILLERS, default="timestamp", help="killers: what breaks the shared prefix")
+    p.add_argument("--fixed", action="store_true", help="killers: the killer moved to the end, or the tools sorted")
     g = p.add_argument_group("longdoc and hotdoc (Mooncake-format traces; loadgen.shapes)")
     g.add_argument("--doc-tokens", type=int, nargs=2, metavar=("MIN", "MAX"), help="longdoc document sizes")
     g.add_argument("--repeat-share", type=float, help="longdoc: share of requests repeating an earlier document")
@@ -130,7 +134,8 @@ def build_jobs(args: argparse.Namespace, model: str) -> list[Job]:
         recorded = trace_requests(lines, args, args.max_tokens)
     elif args.cmd == "synth":
         recorded = generate(args.kind, args.requests, args.rate, seed=args.seed, prompts=args.prompts,
-                            max_tokens=args.max_tokens, tenants=args.tenant_key)
+                            max_tokens=args.max_tokens, tenants=args.tenant_key, killer=args.killer,
+                            fixed=args.fixed)
     elif detect_format(args.trace) == "requests":
         recorded = read_requests(args.trace, args.max_requests)
     else:
@@ -164,6 +169,11 @@ def run_one(url: str, jobs: list[Job], args: argparse.Namespace, label: str) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["analyze"]:  # its own parser: loadgen.doctor.cli
+        from loadgen.doctor import cli
+
+        return cli.main(argv[1:])
     args = parse(argv)
     raise_open_files_limit()  # open-loop replay past saturation holds a socket per request in flight
     targets = dict(u.split("=", 1) for u in args.url) if args.cmd == "compare" else {"run": args.url[0]}

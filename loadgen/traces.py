@@ -1,5 +1,6 @@
-"""Workload files: Mooncake traces (one hash id per 512-token block) and loadgen's own request JSONL, parsed
-with line-numbered errors; and prompts built so that equal hash ids give equal token blocks."""
+"""Workload files: Mooncake traces (one hash id per 512-token block), loadgen's own request JSONL and OpenAI
+request logs, told apart and parsed with line-numbered errors; and prompts built so that equal hash ids give
+equal token blocks."""
 
 from __future__ import annotations
 
@@ -67,7 +68,9 @@ def _parse(path: Path, i: int, line: str, model: type[BaseModel]) -> Any:
             from None
 
 
-def detect_format(path: Path) -> Literal["mooncake", "requests"]:
+def detect_format(path: Path) -> Literal["mooncake", "requests", "openai"]:
+    """From the first line: a Mooncake line (hash_ids), a loadgen request (endpoint and body), or an OpenAI
+    request log line (a request body itself, or a body without an endpoint)."""
     for i, line in _lines(path):
         try:
             first = json.loads(line)
@@ -76,8 +79,11 @@ def detect_format(path: Path) -> Literal["mooncake", "requests"]:
         if isinstance(first, dict) and "hash_ids" in first:
             return "mooncake"
         if isinstance(first, dict) and "body" in first:
-            return "requests"
-        raise TraceError(f"{path}:{i}: neither a Mooncake line (hash_ids) nor a loadgen request (body)")
+            return "requests" if "endpoint" in first else "openai"
+        if isinstance(first, dict) and ("messages" in first or "prompt" in first):
+            return "openai"
+        raise TraceError(f"{path}:{i}: neither a Mooncake line (hash_ids), a loadgen request (body) nor an OpenAI "
+                         "request body (messages or prompt)")
     raise TraceError(f"{path}: empty")
 
 

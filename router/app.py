@@ -19,6 +19,7 @@ from protocol.redis import redis_client
 from protocol.statskeys import H_EXPECTED, H_KEY, H_TENANT, H_VERSION, Keys, label
 from router.admission import Admission
 from router.breaker import BreakerConfig
+from router.divergence import DivergenceTracker
 from router.metrics import RouterMetrics
 from router.policies import Policy, make_policy
 from router.prefix import PrefixKeyer, RouteKeys
@@ -54,7 +55,8 @@ class Router:
             self.pool.on_cache_size.append(index.set_budget)
         self.tenants = Tenants(settings.tenants, settings.open_tenant_secret.get_secret_value())
         self.admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
-        self.metrics = RouterMetrics(self.pool)
+        self.metrics = RouterMetrics(self.pool, settings.prefix_tokens)
+        self.divergence = DivergenceTracker(max_tenants=len(settings.tenants) + 1)
         self.admission = Admission.from_settings(settings, self.pool, self._refused)
         self.metrics.admission_waiting.set_function(lambda: self.admission.waiting)
         self.client: aiohttp.ClientSession | None = None
@@ -215,6 +217,9 @@ class Router:
         m = self.metrics
         m.tokenize.observe(keys.tokenize_s)
         m.prefix_tokens.observe(keys.prefix_tokens)
+        shared = self.divergence.observe(tenant.id, tenant.key, keys.prefix_ids)
+        if shared is not None:
+            m.observe_shared(label(tenant.id) or "none", shared)
         decision = self.policy.choose(keys, self.pool, hold=deadline is not None and self.settings.hold_for_cache)
         while decision.hold:  # its best worker is full: wait for a slot there, within the admission wait
             m.admission_held.inc()

@@ -1,5 +1,5 @@
-"""Prometheus metrics of the router. Labels carry route decisions, statuses and worker URLs only:
-never prompt text, routing keys, tenants' secrets or API keys. A removed worker's series are dropped."""
+"""Prometheus metrics of the router. Labels carry route decisions, statuses, worker URLs and configured tenant ids
+only: never prompt text, routing keys, tenants' secrets or API keys. A removed worker's series are dropped."""
 
 from __future__ import annotations
 
@@ -63,8 +63,11 @@ class _SharingCollector(Collector):
                                     "Decisions waiting to be sent to Redis", value=len(r.shared.pending))
 
 
+_SHARED_BUCKETS = (0, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
 class RouterMetrics:
-    def __init__(self, pool: WorkerPool):
+    def __init__(self, pool: WorkerPool, prefix_tokens: int = 256):
         r = self.registry = CollectorRegistry()
         self.requests = Counter("prefixroute_router_requests", "Requests by route decision, worker and status",
                                 ["route", "worker", "status"], registry=r)
@@ -83,6 +86,12 @@ class RouterMetrics:
                                   buckets=_FAST_BUCKETS, registry=r)
         self.prefix_tokens = Histogram("prefixroute_router_prefix_tokens", "Tokens hashed into the routing key",
                                        buckets=(16, 32, 64, 128, 256, 512, 1024), registry=r)
+        self.shared_tokens = Histogram(
+            "prefixroute_router_prefix_shared_tokens",
+            "Leading tokens of a request's stable prefix that a recent request of the same tenant shared (early "
+            "divergence when low)", ["tenant"],
+            buckets=(*(b for b in _SHARED_BUCKETS if b < prefix_tokens), prefix_tokens), registry=r)
+        self._shared_by_tenant: dict[str, Histogram] = {}
         self.admission_rejected = Counter("prefixroute_router_admission_rejected",
                                           "Requests refused with 429 by admission control, by reason", ["reason"],
                                           registry=r)
@@ -95,6 +104,13 @@ class RouterMetrics:
                                       registry=r)
         r.register(_PoolCollector(pool))
         pool.on_remove.append(self.forget_worker)
+
+    def observe_shared(self, tenant: str, tokens: int) -> None:
+        """`tenant`: a label (configured tenant ids only, so the series are bounded)."""
+        child = self._shared_by_tenant.get(tenant)
+        if child is None:
+            child = self._shared_by_tenant[tenant] = self.shared_tokens.labels(tenant)
+        child.observe(tokens)
 
     def watch_sharing(self, router) -> None:
         self.registry.register(_SharingCollector(router))

@@ -47,6 +47,7 @@ class RouteKeys:
     blocks: Sequence[int] = ()  # the prompt's block hash chain
     block_tokens: Sequence[int] = ()  # estimated prompt tokens up to the end of each block
     prompt_tokens: int = 0  # estimated prompt tokens
+    prefix_ids: bytes = b""  # the routing key's token ids as uint32 (router.divergence hashes them; never stored)
 
     @property
     def short(self) -> str:
@@ -137,7 +138,8 @@ class PrefixKeyer:
             else:
                 ids, bpt = prompt[: self.P], 4.0
                 data = array("I", prompt).tobytes()
-        key = _h(tenant, b"route", pck, array("I", ids).tobytes())
+        packed = array("I", ids).tobytes()
+        key = _h(tenant, b"route", pck, packed)
         seed = self._seeds.get((tenant.key, pck))
         if seed is None:
             if len(self._seeds) >= self._cache_size:
@@ -149,7 +151,7 @@ class PrefixKeyer:
         # surrogateescape: an x-session-id that is not UTF-8 arrives as lone surrogates (aiohttp's decoding)
         session = _h(tenant, b"session", explicit.encode("utf-8", "surrogateescape")) if explicit else None
         return RouteKeys(key, session, len(ids), time.perf_counter() - t0, blocks,
-                         [round(e * per) for e in ends], max(len(ids), round(len(data) * per)))
+                         [round(e * per) for e in ends], max(len(ids), round(len(data) * per)), packed)
 
     def _chat(self, messages: list[dict[str, str]], scope: bytes) -> tuple[list[int], float]:
         """The first P token ids of the rendered chat and their bytes per token, rendering no more messages than

@@ -240,3 +240,49 @@ def test_synth_shape_writes_a_mooncake_trace(tmp_path):
     lines = shape_trace(args)
     parsed = read_mooncake(out)
     assert len(parsed) == 50 and [x.hash_ids for x in parsed] == [x["hash_ids"] for x in lines]
+
+
+@pytest.mark.parametrize("killer", ["timestamp", "username", "tools", "clean"])
+def test_killers_are_deterministic_and_where_they_are_said_to_be(killer):
+    from loadgen.synth import killer_text
+
+    a = generate("killers", 40, 2.0, seed=4, killer=killer)
+    assert [r.model_dump() for r in a] == [r.model_dump() for r in generate("killers", 40, 2.0, seed=4, killer=killer)]
+    fixed = generate("killers", 40, 2.0, seed=4, killer=killer, fixed=True)
+    systems = [r.body["messages"][0]["content"] for r in a]
+    users = [r.body["messages"][1]["content"] for r in a]
+    assert len(set(users)) == 40 and all(len(s) > 8000 for s in systems)  # unique questions, long shared text
+    tail = systems[0][systems[0].index("Instructions:"):]
+    assert all(s.endswith(tail) for s in systems + [r.body["messages"][0]["content"] for r in fixed])
+    found = [killer_text(r.body) for r in a]
+    if killer == "clean":
+        assert found == [None] * 40 and len(set(systems)) == 1
+        assert [r.model_dump() for r in fixed] == [r.model_dump() for r in a]
+        return
+    assert all(k and s.index(k) < 300 for k, s in zip(found, systems))  # early in the system prompt
+    if killer == "timestamp":
+        from datetime import datetime
+
+        stamps = [datetime.fromisoformat(k.removeprefix("Current time: ").rstrip(".")) for k in found]
+        start = stamps[0].timestamp() - a[0].timestamp / 1000
+        assert all(abs(s.timestamp() - start - r.timestamp / 1000) < 1 for s, r in zip(stamps, a))  # arrival time
+    if killer == "username":
+        assert 3 <= len(set(found)) <= 30 and len(set(found)) < 40  # users come back
+    if killer == "tools":
+        lines = [k.splitlines()[1:] for k in found]
+        assert all(len(x) == 8 and sorted(x) == sorted(lines[0]) for x in lines) and len(set(map(tuple, lines))) > 5
+    for r, k in zip(fixed, found):
+        s, u = r.body["messages"][0]["content"], r.body["messages"][1]["content"]
+        if killer == "tools":
+            assert killer_text(r.body) in s and killer_text(r.body).splitlines()[1:] == sorted(k.splitlines()[1:])
+        else:
+            assert killer_text(r.body) == k and u.endswith(k) and k not in s  # moved to the end of the question
+    assert len({r.body["messages"][0]["content"] for r in fixed}) == 1  # fixed: one system prompt for all
+
+
+def test_synth_cli_takes_the_killer_flags():
+    args = parse(["synth", "killers", "--url", "http://x", "--killer", "tools", "--fixed"])
+    assert (args.kind, args.killer, args.fixed) == ("killers", "tools", True)
+    assert parse(["synth", "killers", "--url", "http://x"]).killer == "timestamp"
+    with pytest.raises(ValueError, match="unknown killer"):
+        generate("killers", 1, 1.0, killer="nope")

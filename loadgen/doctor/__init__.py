@@ -1,0 +1,1 @@
+"""The prefix doctor: what in a traffic log keeps prompts from sharing cached prefixes, found offline."""

@@ -1,0 +1,86 @@
+"""The traffic's prefix tree at the worker's block granularity, and the ideal single cache over it.
+
+Each request's prompt is a chain of block hashes (worker.engine.blocks, seeded with its cache salt, so tenants
+never share a node); a node of the tree is one chain hash. The ideal cache is one infinite cache fed in
+timestamp order, counted as a worker counts: whole blocks only, never the prompt's last token. A fan-out node
+is one that many requests pass through and whose children none of which carries most of them: the place where
+traffic that shared a prefix goes separate ways.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from worker.engine.blocks import chain_from_bytes, root_hash
+
+
+def chain(tokens: np.ndarray, block_tokens: int, salt: str | None, start_block: int = 0,
+          head: Sequence[bytes] = ()) -> list[bytes]:
+    """The block chain of `tokens`; `head` (its first `start_block` hashes, already known) is reused."""
+    parent = head[start_block - 1] if start_block else root_hash(salt)
+    data = np.ascontiguousarray(tokens[start_block * block_tokens:], dtype="<i8").tobytes()
+    return list(head[:start_block]) + chain_from_bytes(data, block_tokens, parent)
+
+
+def cacheable_blocks(n_tokens: int, block_tokens: int) -> int:
+    """Blocks of a prompt a worker can serve from cache: whole ones, never the one holding the last token."""
+    return max(0, (n_tokens - 1) // block_tokens)
+
+
+def ideal_hits(chains: Sequence[Sequence[bytes]], lengths: Sequence[int], block_tokens: int) -> np.ndarray:
+    """Cached tokens of each request through one infinite cache, requests in the given order."""
+    seen: set[bytes] = set()
+    out = np.zeros(len(chains), dtype=np.int64)
+    for i, c in enumerate(chains):
+        cap = min(len(c), cacheable_blocks(lengths[i], block_tokens))
+        h = 0
+        while h < cap and c[h] in seen:
+            h += 1
+        out[i] = h * block_tokens
+        seen.update(c)
+    return out
+
+
+@dataclass
+class FanOut:
+    depth: int  # blocks from the root to the node (0: the salt's root)
+    members: list[int]  # requests through the node that continue past it
+    largest_child: int  # requests in its most-travelled child
+
+
+class PrefixTree:
+    """Every request's chain, and the fan-out nodes among them."""
+
+    def __init__(self, chains: Sequence[Sequence[bytes]], salts: Sequence[str | None]):
+        self.chains = chains
+        self.salts = salts
+
+    def fan_outs(self, min_requests: int, max_child_share: float = 0.5) -> list[FanOut]:
+        """Nodes at least `min_requests` requests pass on from, none of whose children carries more than
+        `max_child_share` of them; shallowest first (ties: most requests first)."""
+        through: dict[bytes, list[int]] = {}  # node -> requests continuing past it
+        depth: dict[bytes, int] = {}
+        for i, c in enumerate(self.chains):
+            parent = root_hash(self.salts[i])
+            depth.setdefault(parent, 0)
+            for d, h in enumerate(c):
+                through.setdefault(parent, []).append(i)
+                depth.setdefault(h, d + 1)
+                parent = h
+        out = []
+        for node, members in through.items():
+            if len(members) < min_requests:
+                continue
+            d = depth[node]
+            children: dict[bytes, int] = {}
+            for i in members:
+                h = self.chains[i][d]
+                children[h] = children.get(h, 0) + 1
+            largest = max(children.values())
+            if largest <= max_child_share * len(members):
+                out.append(FanOut(d, members, largest))
+        out.sort(key=lambda f: (f.depth, -len(f.members)))
+        return out
