@@ -55,7 +55,7 @@ def _tokenizer(path: Path) -> Any:
 def run(args: argparse.Namespace) -> Any:
     """The Analysis of args.log, policies simulated unless --no-policy, each stage timed in its `seconds`."""
     from loadgen.doctor.findings import analyze
-    from loadgen.doctor.policy import policy_ratio
+    from loadgen.doctor.policy import policy_ratio, to_sim_requests
     from loadgen.doctor.report import of_ceiling
     from loadgen.doctor.traffic import load_traffic
 
@@ -79,9 +79,12 @@ def run(args: argparse.Namespace) -> Any:
     seconds["analyze"] = time.perf_counter() - t0
     if not args.no_policy:
         t0 = time.perf_counter()
+        tokens_in = traffic.requests[0].tokens is not None
+        sim = to_sim_requests(traffic.requests, args.block_tokens, analysis.chains) if tokens_in else None
         for workers in args.workers:
             for policy in args.policy:
-                p = policy_ratio(traffic.requests, workers, args.block_tokens, policy=policy)
+                p = policy_ratio(traffic.requests, workers, args.block_tokens, policy=policy, sim=sim,
+                                 infinite=analysis.ceiling)
                 p["of_ceiling"] = of_ceiling(p["ratio"], analysis.ceiling)
                 analysis.policy.append(p)
         seconds["policy"] = time.perf_counter() - t0

@@ -26,10 +26,11 @@ from loadgen.doctor import hints
 from loadgen.doctor.tree import PrefixTree, chain, ideal_hits
 
 KGRAM = 16  # tokens a re-convergence anchor must match exactly
-SAMPLE = 200  # requests of a group the anchor is searched in
+SAMPLE = 64  # requests of a group the anchor is searched in (a first look at SCOUT of them)
+SCOUT = 16
 AGREE = 0.8  # share of the sample that must hold the anchor
 LONG_RUN = 64  # tokens the run after an anchor must reach: shorter common runs are items of a list, not the text
-WINDOW = 4096  # tokens after the divergence a re-convergence is looked for in
+WINDOW = 2048  # tokens after the divergence a re-convergence is looked for in
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Analysis:
     policy: list[dict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    chains: list[list[bytes]] | None = field(default=None, repr=False)  # the log's block chains (not reported)
 
 
 @dataclass
@@ -164,17 +166,17 @@ class _Doctor:
     def hits(self) -> np.ndarray:
         return ideal_hits(self.chains, self.lengths, self.B)
 
-    def apply(self, fix: _Fix) -> tuple[list[np.ndarray], list[list[bytes]]]:
-        tokens, chains = list(self.tokens), list(self.chains)
+    def fixed(self, fix: _Fix) -> dict[int, tuple[np.ndarray, list[bytes]]]:
+        """The tokens and chains of the requests `fix` touches, fixed."""
+        out = {}
         for i, (a, b) in fix.spans.items():
             t = self.tokens[i]
             if fix.kind == "move_to_end":
                 new = np.concatenate([t[:a], t[b:], t[a:b]])
             else:
                 new = np.concatenate([t[:a]] + [t[x:y] for x, y in fix.order[i]] + [t[b:]])
-            tokens[i] = new
-            chains[i] = chain(new, self.B, self.salts[i], a // self.B, self.chains[i])
-        return tokens, chains
+            out[i] = new, chain(new, self.B, self.salts[i], a // self.B, self.chains[i])
+        return out
 
     def original(self, i: int, p: int) -> int:
         """A position in request i's current (fixed) tokens, in its original prompt."""
@@ -197,13 +199,17 @@ class _Doctor:
         rng = np.random.default_rng(len(members))
         sample = members if len(members) <= SAMPLE else [ref] + list(
             rng.choice(members[1:], SAMPLE - 1, replace=False))
-        counts: Counter[int] = Counter()
-        for i in sample:
-            counts.update(np.unique(_kgrams(tok[i][starts[i]:starts[i] + WINDOW], self.coef)).tolist())
         ref_k = _kgrams(tok[ref][s:s + WINDOW], self.coef)
-        need = AGREE * len(sample)
+        if not len(ref_k):
+            return None
+        held = np.zeros(len(ref_k), dtype=np.int64)  # sampled requests holding each of ref's k-grams
+        for n, i in enumerate(sample):
+            if i != ref:
+                held += np.isin(ref_k, _kgrams(tok[i][starts[i]:starts[i] + WINDOW], self.coef))
+            if n + 1 == SCOUT and not (held >= AGREE * (SCOUT - 1)).any():
+                return None  # a first look finds nothing most of them share again: no re-convergence
         anchor = None
-        for j in np.flatnonzero(np.array([counts[h] for h in ref_k.tolist()]) >= need) if len(ref_k) else ():
+        for j in np.flatnonzero(held >= AGREE * (len(sample) - 1)):
             pat = tok[ref][s + j:s + j + KGRAM]
             runs = []
             for i in sample[1:]:
@@ -283,6 +289,7 @@ def analyze(traffic: Any, block_tokens: int = 16, tokenizer: Any = None, rounds:
     if reqs and reqs[0].tokens is None:
         return _mooncake(traffic, t0)
     doc = _Doctor(reqs, block_tokens, tokenizer, min_requests, min_run)
+    original_chains = list(doc.chains)
     lengths = np.array(doc.lengths)
     now = doc.hits()
     base_hits = now
@@ -302,8 +309,11 @@ def analyze(traffic: Any, block_tokens: int = 16, tokenizer: Any = None, rounds:
             round_fixes.append(fix)
         if not round_fixes:
             break
-        for fix in round_fixes:
-            _, chains = doc.apply(fix)
+        results = [doc.fixed(fix) for fix in round_fixes]
+        for fix, got in zip(round_fixes, results):
+            chains = list(doc.chains)
+            for i, (_, c) in got.items():
+                chains[i] = c
             gained = ideal_hits(chains, doc.lengths, doc.B)
             ref = next(iter(fix.spans))
             h, ex = doc.describe(fix, ref)
@@ -315,12 +325,11 @@ def analyze(traffic: Any, block_tokens: int = 16, tokenizer: Any = None, rounds:
                 tokens_lost=int(gained.sum() - now.sum()), ceiling_fixed=float(gained.sum() / lengths.sum()),
                 fix=fix.kind, hint=h, example=ex,
                 versions=sorted({reqs[i].version for i in idx if reqs[i].version})))
-        for fix in round_fixes:  # every fix of the round, then the next round looks behind them
-            tokens, chains = doc.apply(fix)
+        for fix, got in zip(round_fixes, results):  # every fix of the round; the next round looks behind them
             for i, (a, b) in fix.spans.items():
                 if fix.kind == "move_to_end":
                     doc.moves[i].append((a, b - a))
-                doc.tokens[i], doc.chains[i] = tokens[i], chains[i]
+                doc.tokens[i], doc.chains[i] = got[i]
         now = doc.hits()
     findings.sort(key=lambda f: -f.tokens_lost)
 
@@ -337,7 +346,7 @@ def analyze(traffic: Any, block_tokens: int = 16, tokenizer: Any = None, rounds:
                     block_tokens=block_tokens, ceiling=float(base_hits.sum() / total),
                     ceiling_fixed=float(now.sum() / total), findings=findings,
                     tenants=summary(lambda r: r.tenant), versions=summary(lambda r: r.version),
-                    seconds={"analyze": time.perf_counter() - t0})
+                    seconds={"analyze": time.perf_counter() - t0}, chains=original_chains)
 
 
 def _mooncake(traffic: Any, t0: float) -> Analysis:

@@ -27,7 +27,8 @@ def _round(v: Any, digits: int = DIGITS) -> Any:
 
 def to_json(analysis: Analysis) -> dict[str, Any]:
     """dataclasses.asdict, ratios rounded to DIGITS decimals and seconds to SECONDS_DIGITS."""
-    d = dataclasses.asdict(analysis)
+    d = dataclasses.asdict(dataclasses.replace(analysis, chains=None))
+    d.pop("chains")
     seconds = d.pop("seconds")
     d = _round(d)
     d["seconds"] = _round(seconds, SECONDS_DIGITS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,6 +23,7 @@ from protocol.prompt import prompt_text
 DEFAULT_OUTPUT_TOKENS = 64
 _ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
 _BATCH = 512  # texts per tokenizer call
+_CHECK_SPREAD, _CHECK_LONGEST = 32, 4  # requests that check the segment method against whole-text tokenization
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Traffic:
     requests: list[Req]
     source: Literal["requests", "openai", "mooncake"]
     tokenize_s: float
+    tokenize_method: str = "none"  # "segments:RULE" (cached segments, checked on a sample), "whole", or "none"
 
 
 def key_tenant(api_key: str) -> str:
@@ -122,17 +125,78 @@ def _parse_line(where: str, line: str, source: str) -> _Line:
                  DEFAULT_OUTPUT_TOKENS if limit is None else limit, req)
 
 
-def _tokenize(lines: list[_Line], tokenizer: Any) -> list[np.ndarray]:
-    """Each line's prompt token ids: rendered and tokenized as worker.server's _prepare does, texts in batches."""
+def _encode(tokenizer: Any, texts: list[str]) -> list[np.ndarray]:
+    out: list[np.ndarray] = []
+    for i in range(0, len(texts), _BATCH):
+        ids = tokenizer(texts[i:i + _BATCH], add_special_tokens=False).input_ids
+        out.extend(np.asarray(t, dtype=np.int64) for t in ids)
+    return out
+
+
+# Where a text may be cut, after a newline, each rule exact for a family of byte-level pre-tokenizer regexes,
+# tried in this order: GPT-2/SmolLM ("\s+(?!\S)|\s+": a newline run before a word pre-tokenizes as all but its
+# last newline, then the last), Llama 3 ("\s*[\r\n]+": a newline run is one pre-token), then the rule both obey.
+# Each alternative starts with a literal so that the regex engine scans for its first characters (7x faster).
+_CUTS = {"gpt2": r"\n(?=\n\S)|\n(?<=\S\n)(?=\S)", "llama3": r"\n(?=\S)", "lone": r"\n(?<=\S\n)(?=\S)"}
+
+
+def _splitter(tokenizer: Any, cut: str) -> re.Pattern[str]:
+    """Matches the tokenizer's added tokens (matched before BPE: a text is cut before and after each) and the
+    newlines after which the rule `cut` cuts. Non-whitespace is tested the Python way, which Rust's \\S includes."""
+    added = sorted({t for t in getattr(tokenizer, "added_tokens_encoder", {}) if t}, key=len, reverse=True)
+    return re.compile("|".join([*map(re.escape, added), _CUTS[cut]]))
+
+
+def _segments(split: re.Pattern[str], text: str) -> list[str]:
+    cuts = [0]
+    for m in split.finditer(text):
+        if m.group() != "\n":  # an added token
+            cuts.append(m.start())
+        cuts.append(m.end())
+    cuts.append(len(text))
+    return [text[i:j] for i, j in zip(cuts, cuts[1:]) if j > i]
+
+
+def _by_segments(texts: list[str], tokenizer: Any, split: re.Pattern[str]) -> list[np.ndarray]:
+    """Each text's ids as the concatenation of its segments' ids, each distinct segment tokenized once."""
+    parts = [_segments(split, t) for t in texts]
+    distinct = list(dict.fromkeys(p for ps in parts for p in ps))
+    cache = dict(zip(distinct, _encode(tokenizer, distinct)))
+    empty = np.zeros(0, dtype=np.int64)
+    return [np.concatenate([cache[p] for p in ps]) if ps else empty for ps in parts]
+
+
+def _check_sample(texts: list[str]) -> list[int]:
+    """Indices of the texts that check the segment method: spread evenly over the log, plus the longest few."""
+    n = len(texts)
+    spread = {round(k * (n - 1) / max(_CHECK_SPREAD - 1, 1)) for k in range(min(n, _CHECK_SPREAD))}
+    longest = sorted(range(n), key=lambda i: len(texts[i]), reverse=True)[:_CHECK_LONGEST]
+    return sorted(spread | set(longest))
+
+
+def tokenize_texts(texts: list[str], tokenizer: Any) -> tuple[list[np.ndarray], str]:
+    """The ids tokenizer(text, add_special_tokens=False) gives each text, and the method used: "segments:RULE"
+    for the first cut rule (_CUTS) whose cached segments give identical ids on a sample of whole texts, else
+    "whole"."""
+    if not texts:
+        return [], "none"
+    check = [texts[i] for i in _check_sample(texts)]
+    whole: list[np.ndarray] | None = None
+    for cut in _CUTS:
+        split = _splitter(tokenizer, cut)
+        if not any(len(_segments(split, t)) > 1 for t in check):
+            continue  # nothing cut, nothing tested
+        whole = whole if whole is not None else _encode(tokenizer, check)
+        if all(np.array_equal(a, b) for a, b in zip(_by_segments(check, tokenizer, split), whole)):
+            return _by_segments(texts, tokenizer, split), f"segments:{cut}"
+    return _encode(tokenizer, texts), "whole"
+
+
+def _tokenize(lines: list[_Line], tokenizer: Any) -> tuple[list[np.ndarray], str]:
+    """Each line's prompt token ids, rendered and tokenized as worker.server's _prepare does, and the method
+    (tokenize_texts)."""
     out: list[np.ndarray | None] = [None] * len(lines)
     texts: list[tuple[int, str]] = []
-
-    def flush() -> None:
-        ids = tokenizer([t for _, t in texts], add_special_tokens=False).input_ids
-        for (k, _), toks in zip(texts, ids):
-            out[k] = np.asarray(toks, dtype=np.int64)
-        texts.clear()
-
     for k, ln in enumerate(lines):
         try:
             prompt = prompt_text(tokenizer, ln.request)
@@ -142,16 +206,15 @@ def _tokenize(lines: list[_Line], tokenizer: Any) -> list[np.ndarray]:
             raise TraceError(f"{ln.where}: messages: {exc.errors()[0]['msg']}") from None
         if isinstance(prompt, str):
             texts.append((k, prompt))
-            if len(texts) >= _BATCH:
-                flush()
         else:
             out[k] = np.asarray(prompt, dtype=np.int64)
-    if texts:
-        flush()
+    ids, method = tokenize_texts([t for _, t in texts], tokenizer)
+    for (k, _), toks in zip(texts, ids):
+        out[k] = toks
     for ln, toks in zip(lines, out):
         if toks is None or toks.size == 0:
             raise TraceError(f"{ln.where}: the prompt is empty")
-    return out  # type: ignore[return-value]
+    return out, method  # type: ignore[return-value]
 
 
 def load_traffic(path: Path, tokenizer: Any, limit: int | None = None) -> Traffic:
@@ -174,11 +237,11 @@ def load_traffic(path: Path, tokenizer: Any, limit: int | None = None) -> Traffi
         first = parsed[timed.index(False)]
         raise TraceError(f"{first.where}: timestamp: missing where other lines have one")
     t0 = time.perf_counter()
-    tokens = _tokenize(parsed, tokenizer)
+    tokens, method = _tokenize(parsed, tokenizer)
     tokenize_s = time.perf_counter() - t0
     reqs = [Req(0, ln.timestamp_ms if ln.timestamp_ms is not None else 1000.0 * k, ln.tenant, ln.version, toks, None,
                 ln.output_tokens, ln.salt, int(toks.size)) for k, (ln, toks) in enumerate(zip(parsed, tokens))]
-    return Traffic(_ordered(reqs), source, tokenize_s)
+    return Traffic(_ordered(reqs), source, tokenize_s, method)
 
 
 def _ordered(reqs: list[Req]) -> list[Req]:

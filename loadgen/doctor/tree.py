@@ -61,26 +61,36 @@ class PrefixTree:
     def fan_outs(self, min_requests: int, max_child_share: float = 0.5) -> list[FanOut]:
         """Nodes at least `min_requests` requests pass on from, none of whose children carries more than
         `max_child_share` of them; shallowest first (ties: most requests first)."""
-        through: dict[bytes, list[int]] = {}  # node -> requests continuing past it
-        depth: dict[bytes, int] = {}
+        ids: dict[bytes, int] = {}
+        parents: list[int] = []
+        children: list[int] = []
+        owners: list[int] = []
+        depths: list[int] = []
         for i, c in enumerate(self.chains):
-            parent = root_hash(self.salts[i])
-            depth.setdefault(parent, 0)
-            for d, h in enumerate(c):
-                through.setdefault(parent, []).append(i)
-                depth.setdefault(h, d + 1)
-                parent = h
-        out = []
-        for node, members in through.items():
-            if len(members) < min_requests:
+            if not c:
                 continue
-            d = depth[node]
-            children: dict[bytes, int] = {}
-            for i in members:
-                h = self.chains[i][d]
-                children[h] = children.get(h, 0) + 1
-            largest = max(children.values())
-            if largest <= max_child_share * len(members):
-                out.append(FanOut(d, members, largest))
+            root = ids.setdefault(root_hash(self.salts[i]), len(ids))
+            nodes = [ids.setdefault(h, len(ids)) for h in c]
+            parents.append(root)
+            parents.extend(nodes[:-1])
+            children.extend(nodes)
+            owners.extend([i] * len(c))
+            depths.extend(range(len(c)))
+        if not parents:
+            return []
+        par, chi = np.array(parents), np.array(children)
+        # each request passes a node at most once: a node's count of edges out is its requests continuing past it
+        through = np.bincount(par, minlength=len(ids))
+        largest = np.zeros(len(ids), dtype=np.int64)
+        np.maximum.at(largest, par, np.bincount(chi, minlength=len(ids))[chi])
+        fan = (through >= min_requests) & (largest <= max_child_share * through)
+        sel = np.flatnonzero(fan[par])
+        if not len(sel):
+            return []
+        sel = sel[np.argsort(par[sel], kind="stable")]  # by node, each node's requests in log order
+        own, dep = np.array(owners)[sel], np.array(depths)[sel]
+        cuts = np.flatnonzero(np.diff(par[sel])) + 1
+        out = [FanOut(int(dep[g[0]]), own[g].tolist(), int(largest[par[sel][g[0]]]))
+               for g in np.split(np.arange(len(sel)), cuts)]
         out.sort(key=lambda f: (f.depth, -len(f.members)))
         return out

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from loadgen.doctor.traffic import DEFAULT_OUTPUT_TOKENS, load_traffic
+from loadgen.doctor.traffic import DEFAULT_OUTPUT_TOKENS, _segments, _splitter, load_traffic, tokenize_texts
 from loadgen.traces import TraceError, detect_format
 from protocol.modelfiles import load_tokenizer, resolve_model_path
 from protocol.prompt import render_chat
@@ -131,3 +131,54 @@ def test_format_detection_keeps_the_old_formats(tmp_path):
     assert detect_format(write(tmp_path, "c.jsonl", [{"hash_ids": [], "body": 1}])) == "mooncake"
     with pytest.raises(TraceError, match="d.jsonl:1: neither"):
         detect_format(write(tmp_path, "d.jsonl", [{"x": 1}]))
+
+
+
+def varied_texts(tok) -> list[str]:
+    doc = "Title: Report\n\nSection 1\n  indented line\n\tTabbed 42 items\n1234567 digits\nend.\n"
+    msgs = [{"role": "system", "content": "You are helpful.\nAnswer briefly."},
+            {"role": "user", "content": "Summarise:\n" + doc},
+            {"role": "assistant", "content": " leading space\nand a list:\n- one\n- two"},
+            {"role": "user", "content": "Ünïcødé: 日本語のテキスト\n🙂 emoji\nπ≈3.14159"}]
+    return [render_chat(tok, msgs), render_chat(tok, msgs[:2]), doc, doc * 3, "line one\r\nline two\r\n\r\nthree",
+            "  two leading spaces\n   three\n\n\nfour", "a \nb\t\nc\n d\n\ne", "x<|im_end|>\n<|im_start|>y",
+            "<|im_start|>user\nhi<|im_end|>", "don't\n's\n'll go", "\nstarts with a newline\n", "",
+            "1999\n2000\n 2001\n2002 ", "word\u00a0\nnbsp\u2028sep\nx"]
+
+
+def test_segment_tokenization_equals_whole_text_on_varied_texts(tok):
+    texts = varied_texts(tok)
+    ids, method = tokenize_texts(texts, tok)
+    assert method == "segments:gpt2"
+    for text, got in zip(texts, ids):
+        assert got.dtype == np.int64 and got.tolist() == tok(text, add_special_tokens=False).input_ids, text
+    split = _splitter(tok, "gpt2")
+    assert len(_segments(split, texts[0])) > 5  # the chat is cut, so the comparison covers concatenation
+    assert _segments(split, texts[8]) == ["<|im_start|>", "user\n", "hi", "<|im_end|>"]
+    assert _segments(split, "a\n\n\nb\nc \nd") == ["a\n\n", "\nb\n", "c \nd"]
+    assert _segments(_splitter(tok, "lone"), "a\n\nb\nc") == ["a\n\nb\n", "c"]
+
+
+class WholeTextDiffers:
+    """The real tokenizer, except that a text longer than 200 characters tokenizes with one more id at its end:
+    the segments (each shorter) no longer add up to the whole."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.added_tokens_encoder = tok.added_tokens_encoder
+
+    def __call__(self, texts, add_special_tokens):
+        out = self.tok(texts, add_special_tokens=add_special_tokens)
+        out.input_ids = [ids + [7] if len(t) > 200 else ids for t, ids in zip(texts, out.input_ids)]
+        return out
+
+
+def test_a_mismatch_on_the_sample_falls_back_to_whole_texts(tmp_path, tok):
+    fake = WholeTextDiffers(tok)
+    texts = [f"{'Shared line of a long document.' * 8}\nQuestion {i}?\nMore." for i in range(40)]
+    ids, method = tokenize_texts(texts, fake)
+    assert method == "whole"
+    assert all(got.tolist() == tok(t, add_special_tokens=False).input_ids + [7] for t, got in zip(texts, ids))
+    assert tokenize_texts(texts, tok)[1] == "segments:gpt2"
+    p = write(tmp_path, "o.jsonl", [{"prompt": t} for t in texts])
+    assert load_traffic(p, tok).tokenize_method == "segments:gpt2"
