@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -128,6 +130,22 @@ def start_router(workers: list[str], *args: str, env: dict[str, str] | None = No
     url = f"http://127.0.0.1:{port}"
     _started([url], proc, 120, wait_path)
     return url, proc
+
+
+@contextmanager
+def sim_cluster(n: int, *worker_args: str, router_args: Sequence[str] = ()) -> Iterator[tuple[list[str], str]]:
+    """A router in front of `n` sim workers (one process): yields (worker URLs, router URL), then stops both."""
+    urls, workers = start_sim_workers(n, *worker_args)
+    try:
+        router, rproc = start_router(urls, *router_args)
+    except Exception:
+        stop_process(workers)
+        raise
+    try:
+        yield urls, router
+    finally:
+        stop_process(rproc)
+        stop_process(workers)
 
 
 def start_redis(port: int | None = None, data_dir: Path | None = None,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.procs import start_router, start_sim_workers, stop_process
+from harness.procs import sim_cluster
 from loadgen.doctor.findings import analyze
 from loadgen.doctor.traffic import load_traffic
 from loadgen.replay import Job, replay
@@ -30,15 +30,8 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def cluster():
-    urls, workers = start_sim_workers(2, "--sim-speedup", "20")
-    try:
-        router, rproc = start_router(urls)
-    except Exception:
-        stop_process(workers)
-        raise
-    yield router
-    stop_process(rproc)
-    stop_process(workers)
+    with sim_cluster(2, "--sim-speedup", "20") as (_, router):
+        yield router
 
 
 def write_log(path: Path, killer: str, fixed: bool) -> list[dict]:

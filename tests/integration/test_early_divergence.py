@@ -13,7 +13,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness.procs import start_router, start_sim_workers, stop_process
+from harness.procs import sim_cluster
 from protocol.modelfiles import load_tokenizer, resolve_model_path
 from protocol.prompt import render_chat
 
@@ -26,15 +26,8 @@ WORDS = ("the assistant answers questions about billing accounts invoices refund
 
 @pytest.fixture(scope="module")
 def cluster():
-    urls, workers = start_sim_workers(2, "--sim-speedup", "50")
-    try:
-        router, rproc = start_router(urls)
-    except Exception:
-        stop_process(workers)
-        raise
-    yield router
-    stop_process(rproc)
-    stop_process(workers)
+    with sim_cluster(2, "--sim-speedup", "50") as (_, router):
+        yield router
 
 
 def histogram(router: str) -> dict[float, float]:

@@ -11,16 +11,14 @@ import httpx
 import openai
 import pytest
 
+from harness import procs
 from harness.procs import start_router, start_sim_workers, stop_process
 
 
 @pytest.fixture(scope="module")
 def sim_cluster():
-    urls, workers = start_sim_workers(4, "--sim-speedup", "20")
-    router, rproc = start_router(urls)
-    yield urls, router
-    stop_process(rproc)
-    stop_process(workers)
+    with procs.sim_cluster(4, "--sim-speedup", "20") as cluster:
+        yield cluster
 
 
 def test_sim_serves_the_openai_api_and_sglang_probes(sim_cluster):
