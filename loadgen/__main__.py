@@ -52,7 +52,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     sub.add_parser("analyze", add_help=False, help="the prefix doctor on a traffic log (see analyze --help)")
     for name in ("replay", "compare"):
         p = sub.add_parser(name)
-        p.add_argument("trace", type=Path, help="Mooncake JSONL (.gz too) or loadgen request JSONL")
+        p.add_argument("trace", type=Path,
+                       help="Mooncake JSONL (.gz too), loadgen request JSONL or an OpenAI request log")
         p.add_argument("--url", required=True, action="append",
                        help="the OpenAI base URL" if name == "replay" else "NAME=URL, repeated")
         p.add_argument("--block-tokens", type=int, default=512, help="tokens per 512-token trace block")
@@ -136,8 +137,12 @@ def build_jobs(args: argparse.Namespace, model: str) -> list[Job]:
         recorded = generate(args.kind, args.requests, args.rate, seed=args.seed, prompts=args.prompts,
                             max_tokens=args.max_tokens, tenants=args.tenant_key, killer=args.killer,
                             fixed=args.fixed)
-    elif detect_format(args.trace) == "requests":
+    elif (fmt := detect_format(args.trace)) == "requests":
         recorded = read_requests(args.trace, args.max_requests)
+    elif fmt == "openai":
+        from loadgen.doctor.traffic import read_openai_log
+
+        recorded = read_openai_log(args.trace, args.max_requests)
     else:
         recorded = trace_requests(read_mooncake(args.trace, args.max_requests), args, args.max_output_tokens)
     jobs = []

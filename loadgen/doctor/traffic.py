@@ -23,6 +23,7 @@ from protocol.prompt import prompt_text
 DEFAULT_OUTPUT_TOKENS = 64
 _ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
 _BATCH = 512  # texts per tokenizer call
+_LOG_KEYS = ("timestamp", "tenant", "prefix_version")  # an OpenAI log line's own keys beside the body's
 _CHECK_SPREAD, _CHECK_LONGEST = 32, 4  # requests that check the segment method against whole-text tokenization
 
 
@@ -84,6 +85,7 @@ class _Line:
     salt: str | None
     output_tokens: int
     request: ChatCompletionRequest | CompletionRequest
+    body: dict[str, Any]  # the request body as the log has it (an OpenAI log's own keys taken out)
 
 
 def _validate(where: str, model: type[BaseModel], data: Any, prefix: str = "") -> Any:
@@ -108,7 +110,8 @@ def _parse_line(where: str, line: str, source: str) -> _Line:
     else:
         if "endpoint" in raw:
             raise TraceError(f"{where}: a loadgen request (endpoint) in an OpenAI request log")
-        body, prefix = (raw["body"], "body.") if "body" in raw else (raw, "")
+        body, prefix = (raw["body"], "body.") if "body" in raw else (
+            {k: v for k, v in raw.items() if k not in _LOG_KEYS}, "")
         if not isinstance(body, dict):
             raise TraceError(f"{where}: body: must be a JSON object")
         if "messages" not in body and "prompt" not in body:
@@ -122,7 +125,7 @@ def _parse_line(where: str, line: str, source: str) -> _Line:
     version = (req.metadata or {}).get("prefix_version") or _text_field(where, raw, "prefix_version")
     limit = req.token_limit()
     return _Line(where, _timestamp(where, raw.get("timestamp")), tenant, version, req.cache_salt or tenant or None,
-                 DEFAULT_OUTPUT_TOKENS if limit is None else limit, req)
+                 DEFAULT_OUTPUT_TOKENS if limit is None else limit, req, body)
 
 
 def _encode(tokenizer: Any, texts: list[str]) -> list[np.ndarray]:
@@ -217,6 +220,30 @@ def _tokenize(lines: list[_Line], tokenizer: Any) -> tuple[list[np.ndarray], str
     return out, method  # type: ignore[return-value]
 
 
+def _parse_all(path: Path, source: str, limit: int | None) -> list[_Line]:
+    parsed: list[_Line] = []
+    for i, line in _lines(path):
+        parsed.append(_parse_line(f"{path}:{i}", line, source))
+        if limit is not None and len(parsed) >= limit:
+            break
+    timed = [ln.timestamp_ms is not None for ln in parsed]
+    if any(timed) and not all(timed):
+        first = parsed[timed.index(False)]
+        raise TraceError(f"{first.where}: timestamp: missing where other lines have one")
+    return parsed
+
+
+def read_openai_log(path: Path, limit: int | None = None) -> list[RecordedRequest]:
+    """An OpenAI request log as loadgen requests to replay, in timestamp order (one a second in file order when
+    it has no timestamps); the log's `tenant` and `prefix_version` keys are not sent."""
+    out = []
+    for k, ln in enumerate(_parse_all(Path(path), "openai", limit)):
+        endpoint = "/v1/chat/completions" if isinstance(ln.request, ChatCompletionRequest) else "/v1/completions"
+        out.append(RecordedRequest(timestamp=ln.timestamp_ms if ln.timestamp_ms is not None else 1000.0 * k,
+                                   endpoint=endpoint, body=ln.body))
+    return sorted(out, key=lambda r: r.timestamp)
+
+
 def load_traffic(path: Path, tokenizer: Any, limit: int | None = None) -> Traffic:
     """The first `limit` lines of the log (all by default), sorted by timestamp (stable). A log whose lines carry
     no timestamp at all is taken as one request a second in file order."""
@@ -227,15 +254,7 @@ def load_traffic(path: Path, tokenizer: Any, limit: int | None = None) -> Traffi
         reqs = [Req(0, float(m.timestamp), "", None, None, list(m.hash_ids), m.output_length, None, m.input_length)
                 for m in lines]
         return Traffic(_ordered(reqs), source, 0.0)
-    parsed: list[_Line] = []
-    for i, line in _lines(path):
-        parsed.append(_parse_line(f"{path}:{i}", line, source))
-        if limit is not None and len(parsed) >= limit:
-            break
-    timed = [ln.timestamp_ms is not None for ln in parsed]
-    if any(timed) and not all(timed):
-        first = parsed[timed.index(False)]
-        raise TraceError(f"{first.where}: timestamp: missing where other lines have one")
+    parsed = _parse_all(path, source, limit)
     t0 = time.perf_counter()
     tokens, method = _tokenize(parsed, tokenizer)
     tokenize_s = time.perf_counter() - t0

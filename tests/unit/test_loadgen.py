@@ -286,3 +286,17 @@ def test_synth_cli_takes_the_killer_flags():
     assert parse(["synth", "killers", "--url", "http://x"]).killer == "timestamp"
     with pytest.raises(ValueError, match="unknown killer"):
         generate("killers", 1, 1.0, killer="nope")
+
+
+def test_replay_reads_an_openai_request_log(tmp_path):
+    from loadgen.__main__ import build_jobs, parse
+
+    log = tmp_path / "openai.jsonl"
+    log.write_text(
+        json.dumps({"timestamp": 2000, "tenant": "acme", "prefix_version": "v2",
+                    "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}) + "\n"
+        + json.dumps({"timestamp": 500, "body": {"prompt": "once upon", "max_tokens": 2}}) + "\n")
+    jobs = build_jobs(parse(["replay", str(log), "--url", "http://127.0.0.1:9"]), "m")
+    assert [(j.at_s, j.endpoint) for j in jobs] == [(0.5, "/v1/completions"), (2.0, "/v1/chat/completions")]
+    assert jobs[1].body == {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "model": "m"}
+    assert jobs[0].body == {"prompt": "once upon", "max_tokens": 2, "model": "m"}
