@@ -23,6 +23,7 @@ from hashlib import blake2b
 from pathlib import Path
 from typing import Any
 
+from loadgen.doctor.tree import cacheable_blocks
 from loadgen.report import percentile
 from router.admission import Admission
 from router.policies import make_policy
@@ -50,7 +51,7 @@ def load_trace(path: Path = TRACE, n: int | None = None) -> list[dict[str, Any]]
 
 def cached_tokens(req: dict[str, Any], hit_blocks: int, block_tokens: int = TRACE_BLOCK) -> int:
     """Counted like a worker counts: whole blocks only, and never the prompt's last token."""
-    return min(hit_blocks, (req["input_length"] - 1) // block_tokens) * block_tokens
+    return min(hit_blocks, cacheable_blocks(req["input_length"], block_tokens)) * block_tokens
 
 
 def insert_chain(cache: BlockCache, ids: list[int], chain: list) -> list:

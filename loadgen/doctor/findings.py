@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from loadgen.doctor import hints
-from loadgen.doctor.tree import PrefixTree, chain, ideal_hits
+from loadgen.doctor.tree import chain, fan_outs, ideal_hits
 
 KGRAM = 16  # tokens a re-convergence anchor must match exactly
 SAMPLE = 64  # requests of a group the anchor is searched in (a first look at SCOUT of them)
@@ -150,7 +150,6 @@ def _items(tokens: np.ndarray, a: int, b: int, text: _Text) -> list[tuple[int, i
 
 class _Doctor:
     def __init__(self, reqs: list[Any], block_tokens: int, tokenizer: Any, min_requests: int | None, min_run: int):
-        self.reqs = reqs
         self.B = block_tokens
         self.text = _Text(tokenizer)
         self.m = min_requests if min_requests is not None else max(5, math.ceil(0.002 * len(reqs)))
@@ -295,10 +294,9 @@ def analyze(traffic: Any, block_tokens: int = 16, tokenizer: Any = None, rounds:
     base_hits = now
     findings: list[Finding] = []
     for _ in range(rounds):
-        tree = PrefixTree(doc.chains, doc.salts)
         taken: set[int] = set()
         round_fixes = []
-        for fo in tree.fan_outs(doc.m):
+        for fo in fan_outs(doc.chains, doc.salts, doc.m):
             members = [i for i in fo.members if i not in taken]
             if len(members) < doc.m:
                 continue
@@ -353,8 +351,7 @@ def _mooncake(traffic: Any, t0: float) -> Analysis:
     from harness.fleet_sim import TRACE_BLOCK, offline_hit_ratio
 
     reqs = traffic.requests
-    lines = [{"input_length": len_, "hash_ids": r.hash_ids} for r in reqs
-             for len_ in [getattr(r, "input_length", None) or len(r.hash_ids) * TRACE_BLOCK]]
+    lines = [{"input_length": r.input_length, "hash_ids": r.hash_ids} for r in reqs]
     ratio = offline_hit_ratio(lines, None)
     total = sum(x["input_length"] for x in lines)
     stats = {"requests": len(reqs), "prompt_tokens": total, "ceiling": ratio, "ceiling_fixed": ratio}

@@ -3,7 +3,7 @@
 Each request's prompt is a chain of block hashes (worker.engine.blocks, seeded with its cache salt, so tenants
 never share a node); a node of the tree is one chain hash. The ideal cache is one infinite cache fed in
 timestamp order, counted as a worker counts: whole blocks only, never the prompt's last token. A fan-out node
-is one that many requests pass through and whose children none of which carries most of them: the place where
+is one that many requests pass through and none of whose children carries most of them: the place where
 traffic that shared a prefix goes separate ways.
 """
 
@@ -51,46 +51,41 @@ class FanOut:
     largest_child: int  # requests in its most-travelled child
 
 
-class PrefixTree:
-    """Every request's chain, and the fan-out nodes among them."""
-
-    def __init__(self, chains: Sequence[Sequence[bytes]], salts: Sequence[str | None]):
-        self.chains = chains
-        self.salts = salts
-
-    def fan_outs(self, min_requests: int, max_child_share: float = 0.5) -> list[FanOut]:
-        """Nodes at least `min_requests` requests pass on from, none of whose children carries more than
-        `max_child_share` of them; shallowest first (ties: most requests first)."""
-        ids: dict[bytes, int] = {}
-        parents: list[int] = []
-        children: list[int] = []
-        owners: list[int] = []
-        depths: list[int] = []
-        for i, c in enumerate(self.chains):
-            if not c:
-                continue
-            root = ids.setdefault(root_hash(self.salts[i]), len(ids))
-            nodes = [ids.setdefault(h, len(ids)) for h in c]
-            parents.append(root)
-            parents.extend(nodes[:-1])
-            children.extend(nodes)
-            owners.extend([i] * len(c))
-            depths.extend(range(len(c)))
-        if not parents:
-            return []
-        par, chi = np.array(parents), np.array(children)
-        # each request passes a node at most once: a node's count of edges out is its requests continuing past it
-        through = np.bincount(par, minlength=len(ids))
-        largest = np.zeros(len(ids), dtype=np.int64)
-        np.maximum.at(largest, par, np.bincount(chi, minlength=len(ids))[chi])
-        fan = (through >= min_requests) & (largest <= max_child_share * through)
-        sel = np.flatnonzero(fan[par])
-        if not len(sel):
-            return []
-        sel = sel[np.argsort(par[sel], kind="stable")]  # by node, each node's requests in log order
-        own, dep = np.array(owners)[sel], np.array(depths)[sel]
-        cuts = np.flatnonzero(np.diff(par[sel])) + 1
-        out = [FanOut(int(dep[g[0]]), own[g].tolist(), int(largest[par[sel][g[0]]]))
-               for g in np.split(np.arange(len(sel)), cuts)]
-        out.sort(key=lambda f: (f.depth, -len(f.members)))
-        return out
+def fan_outs(chains: Sequence[Sequence[bytes]], salts: Sequence[str | None], min_requests: int,
+             max_child_share: float = 0.5) -> list[FanOut]:
+    """Nodes of the tree of every request's chain (from its salt's root) that at least `min_requests` requests
+    pass on from, none of whose children carries more than `max_child_share` of them; shallowest first (ties:
+    most requests first)."""
+    ids: dict[bytes, int] = {}
+    parents: list[int] = []
+    children: list[int] = []
+    owners: list[int] = []
+    depths: list[int] = []
+    for i, c in enumerate(chains):
+        if not c:
+            continue
+        root = ids.setdefault(root_hash(salts[i]), len(ids))
+        nodes = [ids.setdefault(h, len(ids)) for h in c]
+        parents.append(root)
+        parents.extend(nodes[:-1])
+        children.extend(nodes)
+        owners.extend([i] * len(c))
+        depths.extend(range(len(c)))
+    if not parents:
+        return []
+    par, chi = np.array(parents), np.array(children)
+    # each request passes a node at most once: a node's count of edges out is its requests continuing past it
+    through = np.bincount(par, minlength=len(ids))
+    largest = np.zeros(len(ids), dtype=np.int64)
+    np.maximum.at(largest, par, np.bincount(chi, minlength=len(ids))[chi])
+    fan = (through >= min_requests) & (largest <= max_child_share * through)
+    sel = np.flatnonzero(fan[par])
+    if not len(sel):
+        return []
+    sel = sel[np.argsort(par[sel], kind="stable")]  # by node, each node's requests in log order
+    own, dep = np.array(owners)[sel], np.array(depths)[sel]
+    cuts = np.flatnonzero(np.diff(par[sel])) + 1
+    out = [FanOut(int(dep[g[0]]), own[g].tolist(), int(largest[par[sel][g[0]]]))
+           for g in np.split(np.arange(len(sel)), cuts)]
+    out.sort(key=lambda f: (f.depth, -len(f.members)))
+    return out
