@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from harness.fleet_sim import TRACE
 from loadgen.__main__ import main as loadgen_main
 from loadgen.doctor import report
 from loadgen.doctor.cli import main
 from loadgen.doctor.findings import Analysis, Finding
 from loadgen.synth import generate
 
-MOONCAKE = Path("/work/shared/traces/conversation_trace.jsonl")
+MOONCAKE = TRACE  # beside the checkout: ../shared/traces
 
 
 def _write_log(path: Path, killer: str, requests: int) -> list[dict]:
