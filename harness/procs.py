@@ -69,9 +69,10 @@ def stop_process(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
-def _spawn(args: list[str], env: dict[str, str] | None, log: IO[bytes] | int | None) -> subprocess.Popen:
+def _spawn(args: list[str], env: dict[str, str] | None, log: IO[bytes] | int | None,
+           cwd: Path | None = None) -> subprocess.Popen:
     out = subprocess.DEVNULL if log is None else log
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out,
+    return subprocess.Popen([sys.executable, *args], cwd=cwd or ROOT, env={**os.environ, **(env or {})}, stdout=out,
                             stderr=subprocess.STDOUT)
 
 
@@ -85,9 +86,11 @@ def _started(urls: list[str], proc: subprocess.Popen, timeout: float, path: str 
 
 
 def start_worker(*args: str, env: dict[str, str] | None = None, log: IO[bytes] | None = None,
-                 timeout: float = 240.0) -> tuple[str, subprocess.Popen]:
+                 timeout: float = 240.0, tree: Path | None = None) -> tuple[str, subprocess.Popen]:
+    """A model worker on a free port; `tree`: another checkout's worker (a benchmark's baseline)."""
     port = free_port()
-    proc = _spawn(["-m", "worker", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", *args], env, log)
+    proc = _spawn(["-m", "worker", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", *args], env, log,
+                  tree)
     url = f"http://127.0.0.1:{port}"
     _started([url], proc, timeout)
     return url, proc

@@ -32,6 +32,11 @@ class _EngineCollector(Collector):
                                   value=c.stats.evicted_blocks)
         yield CounterMetricFamily("prefixroute_worker_cache_inserted_blocks", "Blocks inserted",
                                   value=c.stats.inserted_blocks)
+        if (kv := e.kv_used_bytes) is not None:
+            yield GaugeMetricFamily("prefixroute_worker_kv_used_bytes",
+                                    "Bytes of KV pages in use (running requests' and cached blocks')", value=kv)
+        yield CounterMetricFamily("prefixroute_worker_preemptions",
+                                  "Running requests preempted for KV room (recomputed later)", value=e.preemptions)
         yield CounterMetricFamily("prefixroute_worker_engine_steps", "Engine iterations", value=e.steps)
         yield CounterMetricFamily("prefixroute_worker_busy_seconds", "Wall seconds the engine spent in steps",
                                   value=e.busy_s)

@@ -75,6 +75,12 @@ class WorkerServer:
         self.draining = False  # shutting down: new requests get 503 (a router retries them elsewhere)
         self.fault_rng = random.Random(f"fault:{settings.name}")  # testing faults, reproducible per worker
 
+    @property
+    def context_length(self) -> int:
+        """The longest request served: the model's context, or less when the KV pool holds less."""
+        cap = self.engine.capacity_tokens
+        return self.loaded.max_model_len if cap is None else min(self.loaded.max_model_len, cap)
+
     def gauges(self) -> dict[str, int]:
         """The engine's live state, as the stats in Redis carry it."""
         e, c = self.engine, self.engine.cache
@@ -93,7 +99,7 @@ class WorkerServer:
     # ---- plain endpoints ----------------------------------------------------------------------------------
 
     async def models(self, request: web.Request) -> web.Response:
-        card = ModelCard(id=self.loaded.name, created=self.created, max_model_len=self.loaded.max_model_len)
+        card = ModelCard(id=self.loaded.name, created=self.created, max_model_len=self.context_length)
         return web.json_response(ModelList(data=[card]).model_dump())
 
     async def health(self, request: web.Request) -> web.Response:
@@ -107,7 +113,7 @@ class WorkerServer:
 
     async def model_info(self, request: web.Request) -> web.Response:
         return web.json_response({"model_path": self.loaded.name, "tokenizer_path": str(self.loaded.path),
-                                  "is_generation": True, "max_model_len": self.loaded.max_model_len})
+                                  "is_generation": True, "max_model_len": self.context_length})
 
     async def server_info(self, request: web.Request) -> web.Response:
         e = self.engine
@@ -115,7 +121,7 @@ class WorkerServer:
             "model_path": self.loaded.name, "served_model_name": self.loaded.name,
             "max_total_num_tokens": e.cache.capacity_bytes // e.runner.kv_bytes_per_token,
             "page_size": e.config.block_size, "max_running_requests": e.config.max_num_seqs,
-            "context_length": self.loaded.max_model_len, "worker_id": self.settings.name,
+            "context_length": self.context_length, "worker_id": self.settings.name,
             "backend": self.settings.backend})
 
     async def prometheus(self, request: web.Request) -> web.Response:
@@ -200,7 +206,7 @@ class WorkerServer:
             ids = prompt
         if not ids:
             raise APIError(400, "The prompt is empty.", param="prompt")
-        ctx = self.loaded.max_model_len
+        ctx = self.context_length
         cap = self.settings.max_prompt_tokens
         if cap is not None and len(ids) > cap:
             raise APIError(400, f"The prompt is {len(ids)} tokens; at most {cap} are allowed.",

@@ -101,11 +101,38 @@ class SimRunner:
             s.num_computed += 1
         return [self._logits] * len(seqs)
 
-    def kv_from_blocks(self, payloads: list, reserve_tokens: int) -> None:
+    # No KV to hold: the sim's pool is the scheduler's token bound (max_kv_tokens) and the cache's byte budget.
+    capacity_tokens = None
+
+    def bind(self, num_pages: int, page_size: int, evict) -> None:
+        pass
+
+    def available_pages(self) -> None:
         return None
 
-    def block_payloads(self, seq: Sequence, start: int, end: int, block_size: int) -> list[None]:
-        return [None] * ((end - start) // block_size)
+    def used_pages(self) -> None:
+        return None
+
+    def attach(self, seq: Sequence, payloads: list) -> None:
+        pass
+
+    def reserve(self, seq: Sequence, tokens: int) -> bool:
+        return True
+
+    def free(self, seq: Sequence) -> None:
+        pass
+
+    def block_payloads(self, seq: Sequence, first: int, last: int) -> list[None]:
+        return [None] * (last - first)
+
+    def retain(self, payload: None) -> None:
+        pass
+
+    def release(self, payload: None) -> None:
+        pass
+
+    def replace(self, seq: Sequence, index: int, payload: None) -> None:
+        pass
 
 
 def load_sim(model: str | None, served_model_name: str | None, profile: GpuProfile) -> LoadedModel:

@@ -1,7 +1,7 @@
 """Block store of the prefix cache: index by chain hash, refcounts, LRU eviction inside a byte budget.
 
-Payload-agnostic: the real worker stores a KV tensor per block, the sim backend stores nothing and
-charges the same bytes. Invariants:
+Payload-agnostic: the real worker stores a KV page id per block (the page pool frees the page when the
+cache lets it go: `on_evict`), the sim backend stores nothing and charges the same bytes. Invariants:
 - a cached block's parent is cached (a child is always evicted before its parent);
 - a block with refcount > 0 (pinned by a running request) is never evicted;
 - used bytes never exceed the capacity: a block that cannot be made room for is not inserted.
@@ -12,7 +12,7 @@ in the LRU than its parent and the LRU front is a leaf.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,7 @@ class BlockCache:
     _lru: OrderedDict[bytes, Block] = field(default_factory=OrderedDict)
     used_bytes: int = 0
     stats: CacheStats = field(default_factory=CacheStats)
+    on_evict: Callable[[Any], None] | None = None  # told each evicted block's payload
 
     def __len__(self) -> int:
         return len(self._index)
@@ -57,8 +58,15 @@ class BlockCache:
 
     # ---- lookup -------------------------------------------------------------------------------------------
 
-    def acquire_prefix(self, token_ids: Sequence[int], salt: str | None, max_blocks: int) -> list[Block]:
-        """Pin and return the longest run of cached full blocks from the start of `token_ids`."""
+    @property
+    def evictable(self) -> int:
+        """Blocks no running request pins: all of them can be evicted (leaves first)."""
+        return len(self._lru)
+
+    def acquire_prefix(self, token_ids: Sequence[int], salt: str | None, max_blocks: int,
+                       record: bool = True) -> list[Block]:
+        """Pin and return the longest run of cached full blocks from the start of `token_ids`; `record`: count
+        the lookup in the stats (an engine that may hand the pins back counts it with `record_lookup`)."""
         B = self.block_size
         parent = root_hash(salt)
         found: list[Block] = []
@@ -73,10 +81,14 @@ class BlockCache:
             parent = h
         for blk in found:
             self._pin(blk)
-        self.stats.lookups += 1
-        self.stats.lookup_tokens += len(token_ids)
-        self.stats.hit_tokens += len(found) * B
+        if record:
+            self.record_lookup(len(token_ids), len(found) * B)
         return found
+
+    def record_lookup(self, tokens: int, hit_tokens: int) -> None:
+        self.stats.lookups += 1
+        self.stats.lookup_tokens += tokens
+        self.stats.hit_tokens += hit_tokens
 
     # ---- insertion ----------------------------------------------------------------------------------------
 
@@ -140,16 +152,26 @@ class BlockCache:
                 return blk
         return None
 
+    def evict_one(self) -> bool:
+        """Evict the least recently used unpinned leaf; False if every block is pinned."""
+        victim = self._lru_leaf()
+        if victim is None:
+            return False
+        self._evict(victim)
+        return True
+
     def _evict(self, blk: Block) -> None:
         del self._lru[blk.hash]
         del self._index[blk.hash]
         self.used_bytes -= blk.nbytes
         if blk.parent is not None:
             blk.parent.children -= 1
-        blk.payload = None
+        payload, blk.payload = blk.payload, None
         self.stats.evicted_blocks += 1
+        if self.on_evict is not None:
+            self.on_evict(payload)
 
     def clear(self) -> None:
         """Drop every unpinned block (pinned ones stay: running requests own them)."""
-        while (victim := self._lru_leaf()) is not None:
-            self._evict(victim)
+        while self.evict_one():
+            pass

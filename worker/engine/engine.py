@@ -2,6 +2,11 @@
 
 Handlers talk to it only through `submit` and `abort` (thread-safe); each sequence's `sink` receives
 its events on the engine thread and is responsible for handing them to its own event loop.
+
+KV memory is one pool of pages (`cache_bytes` of them) shared by running requests and the prefix cache, as on
+a GPU engine: a request is admitted when the pages its prompt needs beyond its cache hit are free or held only
+by the cache (evicted on demand); a decoding request that needs a page when none is left preempts the youngest
+running request, which is recomputed later (its computed blocks handed to the cache first, so mostly hits).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class EngineConfig:
     max_num_seqs: int = 16
     max_batch_tokens: int = 512
     cache_generated: bool = True
+    prefix_caching: bool = True  # False: no lookups and no inserts (every request a full prefill)
     # Admit a request only while the running requests' KV (kv_reserve each) fits in this many tokens, as a GPU
     # engine whose running and cached KV share one pool does (vLLM). None: max_num_seqs alone bounds admission.
     max_kv_tokens: int | None = None
@@ -41,10 +47,11 @@ class Engine:
         self.runner = runner
         self.config = config
         self.tokenizer = runner.loaded.tokenizer
-        self.cache = BlockCache(config.block_size, config.cache_bytes)
+        self.block_bytes = runner.kv_bytes_per_token * config.block_size
+        self.cache = BlockCache(config.block_size, config.cache_bytes, on_evict=runner.release)
+        runner.bind(config.cache_bytes // self.block_bytes, config.block_size, self.cache.evict_one)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_batch_tokens, config.max_kv_tokens)
         self.stop_token_ids = runner.stop_token_ids()
-        self.block_bytes = runner.kv_bytes_per_token * config.block_size
         self._inbox: queue.SimpleQueue[tuple[str, Sequence]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopped = threading.Event()
@@ -52,6 +59,7 @@ class Engine:
         self.steps = 0
         self.busy_s = 0.0  # wall seconds spent in steps: the GPU's busy time, the worker's load
         self.generated_tokens = 0
+        self.preemptions = 0
 
     # ---- thread-safe API ----------------------------------------------------------------------------------
 
@@ -85,6 +93,17 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
+    @property
+    def kv_used_bytes(self) -> int | None:
+        """Bytes of KV pages referenced by running requests or the cache; None where the runner has no pages."""
+        used = self.runner.used_pages()
+        return None if used is None else used * self.block_bytes
+
+    @property
+    def capacity_tokens(self) -> int | None:
+        """Tokens of KV the pool holds: the longest request (prompt + output) that can run; None: unbounded."""
+        return self.runner.capacity_tokens
+
     # ---- the loop -----------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
@@ -111,22 +130,26 @@ class Engine:
             except queue.Empty:
                 return
             if op == "add":
-                self.scheduler.add(seq)
+                cap = self.capacity_tokens
+                if cap is not None and seq.num_prompt + 1 > cap:
+                    self._finish(seq, error=f"the prompt needs {seq.num_prompt + 1} tokens of KV; the worker's "
+                                            f"pool holds {cap}")
+                else:
+                    self.scheduler.add(seq)
             elif seq.status is not Status.FINISHED:
                 self._finish(seq, reason="abort", notify=False)
 
     def step(self) -> None:
         t0 = time.perf_counter()
-        plan = self.scheduler.plan()
-        for seq in plan.admitted:
-            self._admit(seq)
+        plan = self.scheduler.plan(self._admit)
         for seq, n in plan.prefill:
             start = seq.num_computed
-            logits = self.runner.forward(seq, seq.prompt_ids[start:start + n])
+            ids = seq.prompt_ids if seq.num_prefill == seq.num_prompt else seq.all_ids()
+            logits = self.runner.forward(seq, ids[start:start + n])
             if not seq.prefilling:
                 self._cache_blocks(seq)  # prompt blocks become visible to other requests right away
                 self._sample(seq, logits)
-        decoding = [s for s in plan.decode if s.status is Status.RUNNING]
+        decoding = self._grow([s for s in plan.decode if s.status is Status.RUNNING])
         if decoding:
             for seq, logits in zip(decoding, self.runner.decode(decoding)):
                 self._sample(seq, logits)
@@ -135,16 +158,54 @@ class Engine:
 
     # ---- per-sequence work --------------------------------------------------------------------------------
 
-    def _admit(self, seq: Sequence) -> None:
+    def _admit(self, seq: Sequence, alone: bool) -> bool:
+        """Pin the sequence's cache hit and take pages for the rest of its prefill; False (nothing taken) if the
+        pool cannot hold them while keeping a page of headroom per running request."""
         B = self.config.block_size
-        # At least one prompt token must be computed to get logits (as vLLM caps a full hit).
-        max_blocks = (seq.num_prompt - 1) // B
-        seq.blocks = self.cache.acquire_prefix(seq.prompt_ids, seq.salt, max_blocks)
-        seq.num_cached_tokens = len(seq.blocks) * B
-        seq.kv = self.runner.kv_from_blocks([b.payload for b in seq.blocks], seq.kv_reserve)
-        seq.num_computed = seq.num_cached_tokens
-        seq.sampler = Sampler(seq.params, self.runner.device)
-        seq.text = TextState(self._decode, seq.params.stop)
+        resumed = seq.sampler is not None  # preempted earlier: prompt and output so far are recomputed
+        ids = seq.all_ids() if resumed else seq.prompt_ids
+        # At least one token must be computed to get logits (as vLLM caps a full hit).
+        max_blocks = (seq.num_prefill - 1) // B if self.config.prefix_caching else 0
+        blocks = self.cache.acquire_prefix(ids, seq.salt, max_blocks, record=False)
+        free = self.runner.available_pages()
+        if free is not None and not alone:
+            need = -(-seq.num_prefill // B) - len(blocks)
+            if free + self.cache.evictable < need + len(self.scheduler.running):
+                self.cache.release(blocks)
+                return False
+        seq.blocks = blocks
+        self.runner.attach(seq, [b.payload for b in blocks])
+        if not self.runner.reserve(seq, seq.num_prefill):
+            raise RuntimeError("the KV pool cannot hold a lone request's prompt")  # excluded at submit
+        seq.num_computed = len(blocks) * B
+        if not resumed:
+            self.cache.record_lookup(seq.num_prompt, seq.num_computed)
+            seq.num_cached_tokens = seq.num_computed
+            seq.sampler = Sampler(seq.params, self.runner.device)
+            seq.text = TextState(self._decode, seq.params.stop)
+        return True
+
+    def _grow(self, decoding: list[Sequence]) -> list[Sequence]:
+        """Give each decoding sequence room for its next token, preempting the youngest running sequences while
+        the pool has none; returns those still decoding."""
+        for seq in decoding:
+            while seq.status is Status.RUNNING and not self.runner.reserve(seq, seq.num_computed + 1):
+                victim = self.scheduler.running[-1]
+                if victim is seq and len(self.scheduler.running) == 1:
+                    self._finish(seq, reason="length", text=seq.text.finish())  # the whole pool is its own
+                else:
+                    self._preempt(victim)
+        return [s for s in decoding if s.status is Status.RUNNING]
+
+    def _preempt(self, seq: Sequence) -> None:
+        if not seq.prefilling:
+            self._cache_blocks(seq)  # its blocks go to the cache, so recomputing it is mostly hits
+        self.scheduler.preempt(seq)
+        self.cache.release(seq.blocks)
+        seq.blocks = []
+        self.runner.free(seq)
+        seq.num_computed = 0
+        self.preemptions += 1
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -168,6 +229,8 @@ class Engine:
 
     def _cache_blocks(self, seq: Sequence) -> None:
         """Insert the sequence's full blocks past those it already pins (prompt, and generated if enabled)."""
+        if not self.config.prefix_caching:
+            return
         B = self.config.block_size
         ids = seq.all_ids()[: seq.num_computed]
         if not self.config.cache_generated:
@@ -176,20 +239,21 @@ class Engine:
         if last <= first:
             return
         parent = seq.blocks[-1] if seq.blocks else None
-        payloads = None
+        payloads = self.runner.block_payloads(seq, first, last)
         for i in range(first, last):
             toks = ids[i * B:(i + 1) * B]
             h = self.cache.child_hash(parent, seq.salt, toks)
             blk = self.cache.get(h, toks)
-            if blk is None:
+            if blk is not None:  # computed meanwhile by another request: share its page, free ours
+                self.runner.replace(seq, i, blk.payload)
+            else:
                 if h in self.cache:
                     break  # same hash, other tokens: a collision; the chain stops here
-                if payloads is None:
-                    payloads = self.runner.block_payloads(seq, first * B, last * B, B)
                 payload = payloads[i - first]
                 blk = self.cache.insert(h, parent, toks, payload, self.block_bytes)
                 if blk is None:
                     break  # no room: everything left is pinned by running requests
+                self.runner.retain(payload)  # the cache's reference to the page
             seq.blocks.append(blk)
             parent = blk
 
@@ -200,7 +264,7 @@ class Engine:
         self.scheduler.remove(seq)
         self.cache.release(seq.blocks)
         seq.blocks = []
-        seq.kv = None
+        self.runner.free(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason if reason != "abort" else None
         if notify:

@@ -1,10 +1,11 @@
 """Iteration-level scheduler: each step admits waiting sequences (first come, first served, while the batch and
 the KV pool have room), gives one prefill chunk the token budget left after every decoding sequence's one token,
-and never lets a request wait for another to finish."""
+and never lets a request wait for another to finish. A preempted sequence goes back to the head of the queue."""
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from worker.engine.sequence import Sequence, Status
@@ -39,12 +40,24 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
-    def plan(self) -> StepPlan:
+    def preempt(self, seq: Sequence) -> None:
+        """Back to the head of the queue (its KV dropped by the engine): it is recomputed when re-admitted."""
+        self.remove(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+
+    def plan(self, admit: Callable[[Sequence, bool], bool] | None = None) -> StepPlan:
+        """`admit(seq, alone)`, when given, takes the sequence's KV pages and says whether they were there;
+        `alone` says nothing else is running (such a request must be admitted)."""
         admitted = []
         while self.waiting and len(self.running) < self.max_num_seqs:
-            need = self.waiting[0].kv_reserve
+            head = self.waiting[0]
+            need = head.kv_reserve
             if self.running and self.max_kv_tokens is not None and self.kv_tokens + need > self.max_kv_tokens:
                 break  # the oldest waits for KV to free up; a lone request is always admitted
+            head.num_prefill = head.num_prompt + len(head.output_ids)
+            if admit is not None and not admit(head, not self.running):
+                break
             seq = self.waiting.popleft()
             self.kv_tokens += need
             seq.status = Status.RUNNING
@@ -58,7 +71,7 @@ class Scheduler:
             if budget <= 0:
                 break
             if seq.prefilling:
-                n = min(seq.num_prompt - seq.num_computed, budget)
+                n = min(seq.num_prefill - seq.num_computed, budget)
                 prefill.append((seq, n))
                 budget -= n
         return StepPlan(admitted, prefill, decode)

@@ -86,8 +86,9 @@ class Sequence:
     status: Status = Status.WAITING
     blocks: list[Block] = field(default_factory=list)  # pinned cache blocks, root first
     num_cached_tokens: int = 0
-    kv: Any = None  # the sequence's own KV cache while running
-    num_computed: int = 0  # tokens whose KV is in `kv`
+    pages: list[int] = field(default_factory=list)  # block table: the KV pages of its tokens, in order
+    num_computed: int = 0  # tokens whose KV is in its pages
+    num_prefill: int = 0  # tokens to compute before sampling: the prompt, or prompt + output after preemption
     sampler: Any = None
     text: TextState | None = None
     finish_reason: str | None = None
@@ -106,7 +107,7 @@ class Sequence:
 
     @property
     def prefilling(self) -> bool:
-        return self.num_computed < self.num_prompt
+        return self.num_computed < self.num_prefill
 
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids

@@ -1,0 +1,57 @@
+"""The page pool's refcounts and free list, and the per-step slots, gathers and masks of paged attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker.engine.attention import build_step
+from worker.engine.pages import KVPages, PagePool
+
+
+def test_pages_are_freed_when_the_last_reference_goes_and_eviction_refills_the_free_list():
+    evicted: list[int] = []
+    cached = [0, 1]  # pages only "the cache" holds, evicted on demand
+
+    def evict() -> bool:
+        if not cached:
+            return False
+        page = cached.pop(0)
+        evicted.append(page)
+        pool.release(page)
+        return True
+
+    pool = PagePool(3, evict)
+    a, b, c = pool.alloc(), pool.alloc(), pool.alloc()
+    assert (a, b, c) == (0, 1, 2) and pool.num_free == 0
+    pool.retain(c)  # shared by two holders
+    pool.release(c)
+    assert pool.num_free == 0 and pool.refs(c) == 1
+    assert pool.alloc() == 0 and evicted == [0]  # no free page: the cache gave one up
+    assert pool.alloc() == 1 and evicted == [0, 1]
+    assert pool.alloc() is None  # nothing left to evict
+    pool.release(c)
+    assert pool.num_free == 1 and pool.alloc() == c
+    with pytest.raises(RuntimeError):
+        pool.release(c) or pool.release(c)  # released more often than referenced
+
+
+def test_step_slots_gather_and_mask_follow_each_block_table():
+    kv = KVPages(num_layers=1, kv_heads=1, head_dim=2, num_pages=8, page_size=4, dtype=torch.float32,
+                 device=torch.device("cpu"))
+    # Sequence 0: 5 tokens computed on pages [6, 2], adds 1 (position 5, page 2 slot 1).
+    # Sequence 1: 2 tokens computed on page [3], adds 1 (position 2, page 3 slot 2).
+    step = build_step(kv, [[6, 2], [3, 7]], [5, 2], 1)
+    assert step.slots.tolist() == [2 * 4 + 1, 3 * 4 + 2]
+    assert step.pages_per_seq == 2 and step.gather.tolist() == [6, 2, 3, 3]  # padded with its own first page
+    assert step.positions.tolist() == [[5], [2]]
+    assert step.mask.shape == (2, 1, 1, 8)
+    assert step.mask[0, 0, 0].tolist() == [True] * 6 + [False] * 2
+    assert step.mask[1, 0, 0].tolist() == [True] * 3 + [False] * 5
+    # A prefill chunk of 3 tokens after 2: causal within the chunk, all of the past visible.
+    chunk = build_step(kv, [[1, 4]], [2], 3)
+    assert chunk.slots.tolist() == [6, 7, 16]
+    assert chunk.mask[0, 0].int().tolist() == [[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0],
+                                               [1, 1, 1, 1, 1, 0, 0, 0]]
+    with pytest.raises(ValueError):
+        build_step(kv, [[1]], [2], 3)  # the table does not cover the new tokens
