@@ -46,12 +46,14 @@ def test_step_slots_gather_and_mask_follow_each_block_table():
     assert step.pages_per_seq == 2 and step.gather.tolist() == [6, 2, 3, 3]  # padded with its own first page
     assert step.positions.tolist() == [[5], [2]]
     assert step.mask.shape == (2, 1, 1, 8)
-    assert step.mask[0, 0, 0].tolist() == [True] * 6 + [False] * 2
-    assert step.mask[1, 0, 0].tolist() == [True] * 3 + [False] * 5
+    seen = step.mask == 0
+    assert seen[0, 0, 0].tolist() == [True] * 6 + [False] * 2
+    assert seen[1, 0, 0].tolist() == [True] * 3 + [False] * 5
+    assert torch.isneginf(step.mask[~seen]).all()
     # A prefill chunk of 3 tokens after 2: causal within the chunk, all of the past visible.
     chunk = build_step(kv, [[1, 4]], [2], 3)
     assert chunk.slots.tolist() == [6, 7, 16]
-    assert chunk.mask[0, 0].int().tolist() == [[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0],
+    assert (chunk.mask[0, 0] == 0).int().tolist() == [[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0],
                                                [1, 1, 1, 1, 1, 0, 0, 0]]
     with pytest.raises(ValueError):
         build_step(kv, [[1]], [2], 3)  # the table does not cover the new tokens

@@ -34,11 +34,13 @@ class PagedStep:
     slots: torch.Tensor  # [N * q]: page * page_size + offset of each new token, sequence-major
     gather: torch.Tensor  # [N * M]: each sequence's first M pages (padded with its own first page)
     pages_per_seq: int  # M
-    mask: torch.Tensor  # [N, 1, q, M * page_size], bool: query t of sequence i may see key j
+    mask: torch.Tensor  # [N, 1, q, M * page_size], additive: 0 where query t of sequence i may see key j, else -inf
     positions: torch.Tensor  # [N, q]: the new tokens' positions (for the rotary embedding)
 
 
 def build_step(kv: KVPages, tables: Sequence[Sequence[int]], starts: Sequence[int], q: int) -> PagedStep:
+    # The mask is additive in the model's dtype, made once per forward: SDPA would convert a boolean one in
+    # every layer.
     """The step for N sequences each adding `q` tokens at position `starts[i]`, its table covering them."""
     B = kv.page_size
     device = kv.data.device
@@ -53,7 +55,8 @@ def build_step(kv: KVPages, tables: Sequence[Sequence[int]], starts: Sequence[in
     pos = torch.tensor(starts, dtype=torch.long).unsqueeze(1) + torch.arange(q).unsqueeze(0)  # [N, q]
     page_of = torch.tensor(gather, dtype=torch.long).view(len(need), M)
     slots = torch.gather(page_of, 1, pos // B) * B + pos % B
-    mask = torch.arange(M * B).view(1, 1, -1) <= pos.unsqueeze(-1)
+    visible = torch.arange(M * B).view(1, 1, -1) <= pos.unsqueeze(-1)
+    mask = torch.zeros(visible.shape, dtype=kv.data.dtype).masked_fill_(~visible, float("-inf"))
     return PagedStep(kv, slots.flatten().to(device), torch.tensor(gather, dtype=torch.long, device=device), M,
                      mask.unsqueeze(1).to(device), pos.to(device))
 
@@ -64,14 +67,14 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     if paged is None:  # the model used outside the engine (generate, a plain forward): ordinary SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    k_pages, v_pages = paged.kv.layer(module.layer_idx)
-    H, P, B, D = k_pages.shape
-    N, _, q, _ = key.shape
-    k_pages.view(H, P * B, D).index_copy_(1, paged.slots, key.transpose(0, 1).reshape(H, N * q, D))
-    v_pages.view(H, P * B, D).index_copy_(1, paged.slots, value.transpose(0, 1).reshape(H, N * q, D))
+    pages = paged.kv.layer(module.layer_idx)  # [2 * H, P, B, D]: K's heads, then V's
+    H2, P, B, D = pages.shape
+    N, H, q, _ = key.shape
+    new = torch.cat((key, value), dim=1).transpose(0, 1).reshape(H2, N * q, D)
+    pages.view(H2, P * B, D).index_copy_(1, paged.slots, new)
     T = paged.pages_per_seq * B
-    keys = k_pages.index_select(1, paged.gather).view(H, N, T, D).transpose(0, 1)
-    values = v_pages.index_select(1, paged.gather).view(H, N, T, D).transpose(0, 1)
+    both = pages.index_select(1, paged.gather).view(2, H, N, T, D)
+    keys, values = both[0].transpose(0, 1), both[1].transpose(0, 1)
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=paged.mask, scale=scaling,
                                          enable_gqa=query.shape[1] != H)
     return out.transpose(1, 2).contiguous(), None

@@ -6,9 +6,9 @@ puts the cached page into the sequence's table (one more reference) instead of c
 sequence fills is handed to the cache the same way. A page is free when nobody references it. When none is
 free, the pool asks the cache to evict an unpinned leaf block (whose page only the cache held).
 
-Layout: [layers, 2 (K, V), kv heads, pages, page size, head dim]. Within one layer's K (or V), one page of one
-head is contiguous and a head's pages are consecutive, so gathering a sequence's pages is one index_select per
-layer and K/V, and its result views as [sequences, heads, tokens, head dim] without another copy.
+Layout: [layers, 2 (K, V), kv heads, pages, page size, head dim]. Within one layer, one page of one head is
+contiguous and a head's pages are consecutive, so gathering sequences' pages is one index_select per layer (K
+and V together), and its result views as [sequences, heads, tokens, head dim] without another copy.
 """
 
 from __future__ import annotations
@@ -76,6 +76,8 @@ class KVPages:
     def page_bytes(self) -> int:
         return self.data[:, :, :, 0].numel() * self.data.element_size()
 
-    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One layer's K and V pages, [kv heads, pages, page size, head dim] each."""
-        return self.data[index, 0], self.data[index, 1]
+    def layer(self, index: int) -> torch.Tensor:
+        """One layer's pages, [2 x kv heads (K's, then V's), pages, page size, head dim]: K and V are written
+        and gathered in one call each."""
+        d = self.data[index]
+        return d.view(d.shape[0] * d.shape[1], *d.shape[2:])
