@@ -116,7 +116,7 @@ def shared_prefix_memory(client: httpx.Client, url: str, pid: int | None, model:
     import psutil
 
     proc = psutil.Process(pid) if pid else None
-    probe = httpx.Client(trust_env=False)
+    probe = client  # httpx.Client is thread-safe: the sampler shares it
     before_rss = proc.memory_info().rss if proc else None
     before_kv = kv_used_bytes(probe, url)
     peak = {"rss": before_rss or 0, "kv": before_kv or 0.0}
@@ -139,7 +139,6 @@ def shared_prefix_memory(client: httpx.Client, url: str, pid: int | None, model:
     finally:
         stop.set()
         sampler.join()
-        probe.close()
     return {"streams": len(suffixes), "prefix_tokens": len(prefix), "suffix_tokens": len(suffixes[0]),
             "max_tokens": max_tokens, "cached_tokens": [r["cached"] for r in runs],
             "completion_tokens": [int(r["usage"]["completion_tokens"]) for r in runs],

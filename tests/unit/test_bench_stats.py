@@ -114,13 +114,17 @@ def test_single_and_batched_decode_are_measured_alike(worker_prefix, monkeypatch
         seen_salts.add(salt)
         if body["max_tokens"] == 1:
             return {**stream(0.0, 0.5, 1, 0.0), "cached": 0 if salt.startswith(("cold", "prime")) else 2000}
+        if salt.startswith("warm"):  # the streams on the cached prefix (memory phase)
+            return {**stream(0.0, 0.5, body["max_tokens"], 0.1), "cached": 2000, "text": "x"}
         gap = 0.1 if "single" in body["prompt"] else 0.2
-        return {**stream(0.0, 1.0, body["max_tokens"], gap), "cached": cached,
+        return {**stream(0.0, 1.0, body["max_tokens"], gap), "cached": cached, "text": "1, 2",
                 "usage": {"completion_tokens": body["max_tokens"], "prompt_tokens": 20}}
 
     class Client:
         def get(self, url, timeout):
             class R:
+                text = "prefixroute_worker_kv_used_bytes 1000\n" if url.endswith("/metrics") else ""
+
                 def json(self):
                     return {"data": [{"id": "m"}]}
             return R()
@@ -133,9 +137,35 @@ def test_single_and_batched_decode_are_measured_alike(worker_prefix, monkeypatch
     assert d["tok_per_s"] == pytest.approx(10.0)
     assert d["group_tok_per_s"] == pytest.approx(8 * 20 / 4.0)  # 160 decode tokens over 1.0 .. 5.0 s
     assert d["group_speedup"] == pytest.approx(4.0)
-    decode_salts = [b["cache_salt"] for b in bodies if b["max_tokens"] == 21]
+    decode_salts = [b["cache_salt"] for b in bodies if b["cache_salt"].startswith("decode")]
     assert len(decode_salts) == 18 and len(set(decode_salts)) == 18  # 2 rounds of 1 + 8 streams
     assert not r["problems"]
+    mem = r["shared_prefix_memory"]
+    assert mem["streams"] == 8 and mem["cached_tokens"] == [2000] * 8 and mem["kv_used_peak_bytes"] == 1000
+    assert set(r["decode_texts"].values()) == {"1, 2"} and len(r["decode_texts"]) == 18
     md = worker_prefix.markdown({"results": r, "config": vars(args),
                                  "machine": {"device": "cpu", "cpu_count": 2, "torch": "x"}})
     assert "| 10.0 |" in md and "40.0 (4.0x one stream" in md and "TTFT excluded" in md
+
+
+def test_side_by_side_comparison_pools_passes_and_checks_texts(worker_prefix):
+    def run(cold, decode, texts, kv):
+        return {"cold_ttft_s": {"samples": cold}, "warm_ttft_s": {"samples": [c / 20 for c in cold]},
+                "decode": {"tok_per_s_samples": decode, "group_tok_per_s_samples": [4 * d for d in decode]},
+                "shared_prefix_memory": {"rss_peak_increase_bytes": 100, "kv_used_peak_bytes": kv,
+                                         "kv_used_before_bytes": 0 if kv is not None else None},
+                "decode_texts": texts}
+
+    passes = {"current": [run([1.0, 3.0], [10.0], {"a": "x"}, 50), run([2.0], [12.0], {"a": "y"}, 70)],
+              "baseline": [run([2.0, 6.0], [10.0], {"a": "x"}, None), run([4.0], [10.0], {"a": "y"}, None)]}
+    c = worker_prefix.compare(passes)
+    assert c["current"]["cold_ttft_s"] == 2.0 and c["baseline"]["cold_ttft_s"] == 4.0
+    assert c["current_over_baseline"]["cold_ttft_s"] == 0.5
+    assert c["current_over_baseline"]["decode_tok_per_s"] == pytest.approx(1.1)
+    assert c["current"]["shared_prefix_kv_increase_bytes"] == 60
+    assert c["baseline"]["shared_prefix_kv_increase_bytes"] is None
+    assert c["decode_texts_identical"]
+    passes["current"][1]["decode_texts"] = {"a": "z"}
+    assert not worker_prefix.compare(passes)["decode_texts_identical"]
+    assert "| greedy decode texts identical | | NO | |" in worker_prefix.comparison_markdown(
+        worker_prefix.compare(passes), 2)

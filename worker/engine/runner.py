@@ -56,6 +56,11 @@ class ModelRunner:
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         itemsize = torch.empty((), dtype=loaded.dtype).element_size()
         self.kv_bytes_per_token = 2 * self.num_layers * self.kv_heads * self.head_dim * itemsize
+        window = getattr(cfg, "sliding_window", None)
+        if window and getattr(cfg, "use_sliding_window", True) and window < loaded.max_model_len:
+            # The paged attention masks by position only: a window would be silently ignored.
+            raise ValueError(f"{type(self.model).__name__} uses sliding-window attention ({window} tokens), which "
+                             "the worker's paged attention does not implement")
         self.model.config._attn_implementation = ATTN_IMPLEMENTATION
         self.kv: KVPages | None = None
         self.pool: PagePool | None = None
