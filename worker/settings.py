@@ -24,7 +24,7 @@ class WorkerSettings(BaseSettings, LimitSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="of weights and KV; auto "
                                                                      "picks by device")
     block_size: int = Field(16, ge=1, le=4096, description="tokens per cached KV block: the unit of a prefix hit")
-    cache_bytes: int | None = Field(None, ge=0, description="prefix cache budget; default: see default_cache_bytes")
+    cache_bytes: int | None = Field(None, ge=0, description="KV pool: running requests and prefix cache; default: default_cache_bytes")
     cache_tokens: int | None = Field(None, ge=0, description="the budget in tokens of KV instead (wins over bytes)")
     max_num_seqs: int = Field(16, ge=1, description="requests decoded together")
     max_batch_tokens: int = Field(512, ge=16, description="tokens per engine step (decode + one prefill chunk)")
@@ -83,7 +83,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--block-size", type=int)
     p.add_argument("--cache-bytes", type=int)
-    p.add_argument("--cache-tokens", type=int, help="prefix cache budget in tokens of KV (instead of bytes)")
+    p.add_argument("--cache-tokens", type=int, help="KV pool in tokens (instead of bytes)")
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--max-batch-tokens", type=int)
     p.add_argument("--max-waiting", type=int)
