@@ -24,7 +24,8 @@ class WorkerSettings(BaseSettings, LimitSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="of weights and KV; auto "
                                                                      "picks by device")
     block_size: int = Field(16, ge=1, le=4096, description="tokens per cached KV block: the unit of a prefix hit")
-    cache_bytes: int | None = Field(None, ge=0, description="KV pool: running requests and prefix cache; default: default_cache_bytes")
+    cache_bytes: int | None = Field(
+        None, ge=0, description="KV pool: running requests and prefix cache; default: default_cache_bytes")
     cache_tokens: int | None = Field(None, ge=0, description="the budget in tokens of KV instead (wins over bytes)")
     max_num_seqs: int = Field(16, ge=1, description="requests decoded together")
     max_batch_tokens: int = Field(512, ge=16, description="tokens per engine step (decode + one prefill chunk)")
