@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings
 
 from router.settings import RouterSettings
 from router.settings import parser as router_parser
-from worker.settings import WorkerSettings
+from worker.settings import SidecarSettings, WorkerSettings, sidecar_parser
 from worker.settings import parser as worker_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +27,8 @@ def _flags(p: argparse.ArgumentParser) -> dict[str, str]:
 
 
 def _default(field: Any) -> str:
+    if field.is_required():
+        return "(required)"
     if field.default_factory is not None:
         return "`[]`" if isinstance(field.default_factory(), list) else "(computed)"
     d = field.default
@@ -55,6 +57,8 @@ def reference() -> str:
         table(RouterSettings, router_parser()), "",
         "Worker (`python -m worker`):", "",
         table(WorkerSettings, worker_parser()), "",
+        "Engine sidecar (`python -m worker.sidecar`, beside a vLLM, SGLang or llama.cpp server):", "",
+        table(SidecarSettings, sidecar_parser()), "",
         END,
     ])
 

@@ -135,6 +135,45 @@ def start_router(workers: list[str], *args: str, env: dict[str, str] | None = No
     return url, proc
 
 
+VLLM_MODEL_DIR = ROOT / ".models" / "smollm2-135m-instruct"
+
+
+def vllm_python() -> Path:
+    """The python of vLLM's own virtualenv (deploy/vllm.sh installs it, and the model directory, idempotently)."""
+    out = subprocess.run(["bash", str(ROOT / "deploy" / "vllm.sh")], cwd=ROOT, check=True, capture_output=True,
+                         text=True, timeout=1800)
+    return ROOT / out.stdout.strip().splitlines()[-1]
+
+
+def start_vllm(python: Path, served_name: str, *args: str, log: IO[bytes] | None = None, timeout: float = 400.0,
+               kv_gib: int = 1) -> tuple[str, subprocess.Popen]:
+    """A real vLLM OpenAI server (CPU build) serving the packaged SmolLM2 on a free port; prompt-token details
+    on, so its answers carry usage.prompt_tokens_details.cached_tokens. Started with `python -m` because the
+    `vllm` command of the CPU wheel cannot read its own package metadata; blocks of 32 tokens (its CPU attention
+    takes multiples of 32 only) and eager mode (torch.compile's warm-up took 3 minutes on 2 cores; eager is up in
+    about a minute)."""
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib), "VLLM_SERVER_DEV_MODE": "1"}
+    proc = subprocess.Popen([str(python), "-m", "vllm.entrypoints.openai.api_server", "--model",
+                             str(VLLM_MODEL_DIR), "--served-model-name", served_name, "--host", "127.0.0.1",
+                             "--port", str(port), "--enable-prompt-tokens-details", "--max-model-len", "2048",
+                             "--block-size", "32", "--enforce-eager", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL if log is None else log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    _started([url], proc, timeout)
+    return url, proc
+
+
+def start_sidecar(engine_url: str, *args: str, log: IO[bytes] | None = None) -> tuple[str, subprocess.Popen]:
+    """worker.sidecar for an engine on a free port; healthy once it has read the engine's metrics."""
+    port = free_port()
+    proc = _spawn(["-m", "worker.sidecar", "--engine-url", engine_url, "--host", "127.0.0.1", "--port", str(port),
+                   *args], None, log)
+    url = f"http://127.0.0.1:{port}"
+    _started([url], proc, 60)
+    return url, proc
+
+
 @contextmanager
 def sim_cluster(n: int, *worker_args: str, router_args: Sequence[str] = ()) -> Iterator[tuple[list[str], str]]:
     """A router in front of `n` sim workers (one process): yields (worker URLs, router URL), then stops both."""

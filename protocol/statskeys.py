@@ -5,8 +5,10 @@ one Redis.
     {ns}:workers                   set of worker ids that ever reported
     {ns}:worker:{id}               hash: counters (requests, prompt_tokens, cached_tokens, generated_tokens) and
                                    gauges (evictions, cache_bytes, cache_capacity_bytes, running, waiting, url,
-                                   model, updated)
-    {ns}:heartbeat:{id}            JSON {url, model, capacity_tokens, block_size}, expires after the TTL
+                                   model, updated); an engine's (worker.sidecar) also: engine, kv_usage,
+                                   cache_capacity_tokens, cache_queries and its totals as last counted
+                                   (engine_{field})
+    {ns}:heartbeat:{id}            JSON {url, model, capacity_tokens, block_size[, engine]}, expires after the TTL
     {ns}:cluster                   hash: the counters summed over all workers
     {ns}:tenants / {ns}:tenant:{t} set of tenant ids / hash: counters + routing accuracy (expected, expected_hit)
     {ns}:versions / {ns}:version:{v}  the same per prefix version

@@ -16,7 +16,7 @@ from protocol.http import metrics_response, openai_app, parse_model, read_json
 from protocol.limits import TIME_LIMIT, Limits, check_max_tokens
 from protocol.openai import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now
 from protocol.redis import redis_client
-from protocol.statskeys import H_EXPECTED, H_KEY, H_TENANT, H_VERSION, Keys, label
+from protocol.statskeys import H_EXPECTED, H_KEY, H_TENANT, H_VERSION, BoundedLabels, Keys, label
 from router.admission import Admission
 from router.breaker import BreakerConfig
 from router.divergence import DivergenceTracker
@@ -29,6 +29,7 @@ from router.shared import SharedState
 from router.stats import RedisState, read_stats
 from router.tenants import Tenant, Tenants, check_admin
 from router.workers import WorkerPool, normalize_url
+from worker.stats import StatsPublisher
 
 log = logging.getLogger("prefixroute.router")
 
@@ -44,9 +45,10 @@ class _WorkerBody(BaseModel):
 class Router:
     def __init__(self, settings: RouterSettings, tokenizer, policy: Policy | None = None):
         self.settings = settings
-        self.pool = WorkerPool(settings.vnodes, settings.fail_threshold, BreakerConfig.from_settings(settings))
+        self.pool = WorkerPool(settings.vnodes, settings.fail_threshold, BreakerConfig.from_settings(settings),
+                               engine_load=settings.engine_load)
         for w in settings.workers:
-            self.pool.add(w.url, w.weight)
+            self.pool.add(w.url, w.weight, w.engine)
         self.policy = policy or make_policy(settings)
         self.keyer = PrefixKeyer(tokenizer, settings.prefix_tokens, settings.index_block_bytes)
         index = getattr(self.policy, "index", None)
@@ -64,6 +66,9 @@ class Router:
         self._health_task: asyncio.Task | None = None
         self.redis = RedisState(None)
         self._redis_task: asyncio.Task | None = None
+        self.engine_stats: StatsPublisher | None = None
+        self._engine_stats_task: asyncio.Task | None = None
+        self.tenant_label, self.version_label = BoundedLabels(256), BoundedLabels(64)
         self._share_task: asyncio.Task | None = None
         self.shared: SharedState | None = None
         self.stats_keys = Keys(settings.stats_namespace)
@@ -95,7 +100,7 @@ class Router:
                                           sock_read=s.request_timeout_s),
             auto_decompress=False,
         )
-        self.proxy = Proxy(self.client, self.pool, self.metrics, s.max_failover)
+        self.proxy = Proxy(self.client, self.pool, self.metrics, s.max_failover, on_usage=self._engine_usage)
         await self.pool.probe_all(self.client, s.health_timeout_s)
         self._health_task = asyncio.create_task(
             self.pool.health_loop(self.client, s.health_interval_s, s.health_timeout_s))
@@ -105,6 +110,26 @@ class Router:
             self._redis_task = asyncio.create_task(self.redis.run())
             if s.share_state or s.discover_workers:
                 await self._start_sharing()
+            # Other engines' requests, counted by tenant, prefix version and key as a prefixroute worker counts
+            # its own (their worker counters come from their sidecars).
+            self.engine_stats = StatsPublisher(self.redis.client, self.stats_keys, "router", {}, dict,
+                                               s.share_interval_s, worker_counters=False)
+            self._engine_stats_task = asyncio.create_task(self.engine_stats.run())
+
+    def _engine_usage(self, usage: dict, tags: dict[str, str]) -> None:
+        """An answer from another engine (router.proxy): its usage, counted here by tenant, version and key."""
+        try:
+            prompt = int(usage.get("prompt_tokens") or 0)
+            details = usage.get("prompt_tokens_details")
+            cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+            generated = int(usage.get("completion_tokens") or 0)
+            expected = int(tags.get(H_EXPECTED) or 0)
+        except (TypeError, ValueError):
+            return
+        tenant, version = self.tenant_label(tags.get(H_TENANT)), self.version_label(tags.get(H_VERSION))
+        self.metrics.engine_usage.count(prompt, cached, tenant, version, expected)
+        if self.engine_stats is not None:
+            self.engine_stats.record(prompt, cached, generated, tenant, version, label(tags.get(H_KEY)), expected)
 
     async def _start_sharing(self) -> None:
         """Load the shared state before serving (a router starts warm), then keep it in sync."""
@@ -134,6 +159,9 @@ class Router:
     async def _stop(self, app: web.Application) -> None:
         if self._cut is not None:
             self._cut.cancel()
+        if self.engine_stats is not None:
+            self._engine_stats_task.cancel()
+            await self.engine_stats.close()  # a last flush
         for task in (self._health_task, self._redis_task, self._share_task):
             if task:
                 task.cancel()
@@ -279,7 +307,8 @@ class Router:
 
     def _listing(self) -> dict:
         return {"workers": [{"url": w.url, "weight": w.weight, "healthy": w.healthy, "draining": w.draining,
-                             "inflight": w.inflight, "models": w.models,
+                             "inflight": w.inflight, "models": w.models, "engine": w.engine,
+                             "reported": dict(zip(("running", "waiting"), w.reported)) if w.reported else None,
                              "breaker": w.breaker.state if w.breaker else None} for w in self.pool.workers.values()]}
 
     async def _worker_body(self, request: web.Request) -> _WorkerBody:

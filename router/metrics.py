@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from protocol.tenantmetrics import TenantCounters
 from router.admission import REASONS as ADMISSION_REASONS
 from router.workers import WorkerPool
 
@@ -67,6 +68,7 @@ _SHARED_BUCKETS = (0, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class RouterMetrics:
+
     def __init__(self, pool: WorkerPool, prefix_tokens: int = 256):
         r = self.registry = CollectorRegistry()
         self.requests = Counter("prefixroute_router_requests", "Requests by route decision, worker and status",
@@ -102,6 +104,8 @@ class RouterMetrics:
         self.admission_held = Counter("prefixroute_router_admission_held",
                                       "Waits for a full worker that holds a request's prefix (admission control)",
                                       registry=r)
+        # Requests other engines served (router.proxy reads their usage), under the workers' own names
+        self.engine_usage = TenantCounters(r)
         r.register(_PoolCollector(pool))
         pool.on_remove.append(self.forget_worker)
 

@@ -16,10 +16,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 import aiohttp
+import orjson
 from aiohttp import web
 
+from protocol.engines import PREFIXROUTE
 from protocol.errors import APIError
 from protocol.http import SSE_DONE, sse
 from protocol.limits import time_limit_hit
@@ -35,11 +38,15 @@ _JSON = {"Content-Type": "application/json"}
 
 
 class Proxy:
-    def __init__(self, client: aiohttp.ClientSession, pool: WorkerPool, metrics: RouterMetrics, max_failover: int):
+    def __init__(self, client: aiohttp.ClientSession, pool: WorkerPool, metrics: RouterMetrics, max_failover: int,
+                 on_usage: Callable[[dict, dict[str, str]], None] | None = None):
         self.client = client
         self.pool = pool
         self.metrics = metrics
         self.max_failover = max_failover
+        # Another engine's answer (protocol.engines: it keeps no per-tenant counts as a prefixroute worker does):
+        # its `usage` and the request's upstream headers (tenant, key, expected tokens), for the router to count.
+        self.on_usage = on_usage
         self._tasks: set[asyncio.Task] = set()  # the handlers forwarding now (cut when shutdown's grace ends)
         self.shutting_down = False
 
@@ -123,8 +130,12 @@ class Proxy:
                     self.pool.request_ok(name, trial)
                 settled = True
                 headers = {"x-prefixroute-worker": name, "x-prefixroute-route": route, **extra_headers}
-                resp = await self._relay(request, name, up, headers, pending, first)
+                tail: list[bytes] | None = [] if self.on_usage is not None and w.engine not in (PREFIXROUTE, None) \
+                    and up.status == 200 else None
+                resp = await self._relay(request, name, up, headers, pending, first, tail)
                 self.metrics.requests.labels(route, name, str(up.status)).inc()
+                if tail:
+                    self._count_usage(tail, upstream_headers or {})
                 return resp
             except asyncio.CancelledError:
                 if not self._cut():
@@ -145,8 +156,29 @@ class Proxy:
         raise APIError(502, f"Upstream failure: {last_error}; tried {len(candidates)} worker(s).",
                        code="upstream_unavailable")
 
+    def _count_usage(self, tail: list[bytes], tags: dict[str, str]) -> None:
+        """The answer's usage: a plain answer's body, or a stream's last event that carries one (a client that
+        asked for stream_options.include_usage); a stream without it is not counted."""
+        data = tail[0] if len(tail) == 1 else b"".join(tail)
+        if data.lstrip().startswith(b"{"):
+            body = data
+        else:
+            at = data.rfind(b'"usage"')
+            start = data.rfind(b"data: ", 0, at) if at >= 0 else -1
+            if start < 0:
+                return
+            body = data[start + 6:data.find(b"\n", at) if data.find(b"\n", at) >= 0 else len(data)]
+        try:
+            usage = orjson.loads(body).get("usage")
+        except (orjson.JSONDecodeError, AttributeError):
+            return
+        if isinstance(usage, dict):
+            self.on_usage(usage, tags)  # type: ignore[misc]
+
     async def _relay(self, request: web.Request, name: str, up: aiohttp.ClientResponse,
-                     headers: dict[str, str], pending: list[int], first: bytes) -> web.StreamResponse:
+                     headers: dict[str, str], pending: list[int], first: bytes,
+                     tail: list[bytes] | None = None) -> web.StreamResponse:
+        """`tail`: filled with the plain answer, or a stream's last bytes (for its usage), when not None."""
         ctype = up.headers.get("content-type", "application/json")
         headers["content-type"] = ctype
         if not first:
@@ -156,6 +188,8 @@ class Proxy:
                 self.metrics.upstream_errors.labels(name, "read").inc()
                 raise APIError(502, f"Upstream failure while reading the answer ({type(exc).__name__}).",
                                code="upstream_error") from None
+            if tail is not None:
+                tail.append(data)
             return web.Response(body=data, status=up.status, headers=headers)
         self.pool.prefilled(name, pending[0])
         pending[0] = 0
@@ -163,8 +197,15 @@ class Proxy:
         await out.prepare(request)
         try:
             await out.write(first)
-            async for chunk in up.content.iter_any():
-                await out.write(chunk)
+            if tail is None:
+                async for chunk in up.content.iter_any():
+                    await out.write(chunk)
+            else:
+                last = first
+                async for chunk in up.content.iter_any():
+                    await out.write(chunk)
+                    last = last[-4096:] + chunk if len(chunk) < 4096 else chunk
+                tail.append(last)
         except ConnectionResetError:
             return out  # the client left; closing the upstream connection makes the worker abort the request
         except (aiohttp.ClientError, asyncio.TimeoutError, asyncio.CancelledError) as exc:

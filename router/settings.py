@@ -33,6 +33,7 @@ class TenantConfig(BaseModel):
 class WorkerConfig(BaseModel):
     url: str
     weight: int = Field(1, ge=1, le=100)
+    engine: Literal["auto", "prefixroute", "vllm", "sglang", "llamacpp", "openai"] = "auto"  # protocol.engines
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -106,6 +107,8 @@ class RouterSettings(BaseSettings, LimitSettings):
     # upstream
     health_interval_s: float = Field(2.0, gt=0, description="seconds between health probes of each worker")
     health_timeout_s: float = Field(2.0, gt=0, description="a slower probe fails")
+    engine_load: bool = Field(True, description="placement adds the load workers report (running, waiting, KV in "
+                              "use; other engines' from their /metrics) beyond this router's own requests")
     fail_threshold: int = Field(2, ge=1, description="consecutive failures (probes, broken connections, 502/503 "
                                 "answers) before a worker leaves the ring; a refused connection takes it off at once")
     connect_timeout_s: float = Field(3.0, gt=0, description="upstream connect timeout (then failover)")
@@ -190,6 +193,8 @@ def parser() -> argparse.ArgumentParser:
                    help="prompt tokens queued for prefill per worker before a request goes elsewhere or waits")
     p.add_argument("--queue-wait-s", type=float, help="seconds a request may wait for a worker with room")
     p.add_argument("--max-queued-requests", type=int, help="requests waiting in the router at most")
+    p.add_argument("--no-engine-load", dest="engine_load", action="store_const", const=False,
+                   help="place by this router's own requests only, not by the load workers report")
     p.add_argument("--no-hold-for-cache", dest="hold_for_cache", action="store_const", const=False,
                    help="with a queue bound: never wait for a full worker that holds the prefix")
     add_limit_flags(p)

@@ -23,6 +23,7 @@ import uuid
 from collections import deque
 from typing import Any
 
+from protocol.engines import KINDS
 from protocol.statskeys import Keys
 from router.policies.base import DecisionRecord
 from router.policies.cache_aware import CacheAware
@@ -119,13 +120,15 @@ class SharedState:
         alive = set()
         for raw in beats:
             try:
-                url = normalize_url(json.loads(raw)["url"])
+                beat = json.loads(raw)
+                url = normalize_url(beat["url"])
             except (TypeError, ValueError, KeyError):
                 continue
             alive.add(url)
             if url not in self.pool.workers:
-                log.info("worker %s discovered (heartbeat)", url)
-                self.pool.add(url)
+                engine = beat.get("engine")  # a sidecar's heartbeat (worker.sidecar) names its engine
+                log.info("worker %s discovered (heartbeat%s)", url, f", {engine}" if engine else "")
+                self.pool.add(url, engine=engine if engine in KINDS else None)
                 self.discovered.add(url)
         for url in list(self.discovered - alive):
             if url not in self.static:

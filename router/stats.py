@@ -74,8 +74,14 @@ async def read_stats(client: Any, keys: Keys, top: int = 20) -> dict[str, Any]:
     cluster, res = res[0], res[1:]
     out_workers = []
     for w, h in zip(workers, res[: len(workers)]):
-        out_workers.append(_with_ratio({"id": w, "url": h.get("url"), "model": h.get("model"), **_counts(h),
-                                        **_counts(h, GAUGES)}))
+        d = _with_ratio({"id": w, "url": h.get("url"), "model": h.get("model"), **_counts(h), **_counts(h, GAUGES)})
+        d["engine"] = h.get("engine", "prefixroute")
+        if "engine_cache_queries" in h:  # an engine's own hit ratio: hits / the prompt tokens it looked up
+            d["cache_queries"] = _counts(h, ("cache_queries",))["cache_queries"]
+            d["engine_hit_ratio"] = ratio(d["cached_tokens"], d["cache_queries"])
+        if "kv_usage" in h:
+            d["kv_usage"] = float(h["kv_usage"])
+        out_workers.append(d)
     res = res[len(workers):]
     out_tenants = []
     for t, h in zip(tenants, res[: len(tenants)]):

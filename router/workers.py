@@ -1,6 +1,12 @@
 """The worker pool: membership (static + admin API), health (active probes, passive failures), draining,
 and in-flight counts kept incrementally so that a decision never sums over workers.
 
+Each health probe also reads the load the worker reports: a prefixroute worker's /health, another engine's
+Prometheus /metrics (protocol.engines; the kind is detected, or given per worker). What it reports beyond this
+router's own requests there (other router replicas', direct clients') becomes the worker's external work, which
+placement adds to its own counts: waiting requests as prefill of the mean prompt, KV in use (or running
+requests) as context held.
+
 Only healthy, non-draining workers are on the ring; when one leaves, only the keys it owned move. A removed
 worker's listeners (`on_remove`) are told, so per-worker state elsewhere (metrics series) goes with it.
 """
@@ -16,6 +22,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from yarl import URL
 
+from protocol.engines import ENGINES, OPENAI, PREFIXROUTE, parse
 from router.breaker import STATE_VALUE, Breaker, BreakerConfig
 from router.ring import Ring
 
@@ -35,6 +42,14 @@ class Worker:
     models: list[str] = field(default_factory=list)
     cache_tokens: int | None = None  # prompt tokens its prefix cache holds, as its /health says
     breaker: Breaker | None = None  # router.breaker; None: no breaker
+    engine: str | None = None  # protocol.engines.KINDS; None: not known yet
+    reported: tuple[int, int] | None = None  # (running, waiting) at the last probe, as the worker reports them
+    external_prefill: float = 0.0  # work the worker reports beyond this router's requests (module docstring)
+    external_context: float = 0.0
+
+    def work(self, decode_weight: float) -> float:
+        """The work queued here, in prompt tokens: prefill not started, plus decode_weight x the context held."""
+        return self.prefill + self.external_prefill + decode_weight * (self.context + self.external_context)
 
     @property
     def name(self) -> str:
@@ -63,7 +78,7 @@ def normalize_url(url: str) -> str:
 
 class WorkerPool:
     def __init__(self, vnodes: int = 160, fail_threshold: int = 2, breaker: BreakerConfig | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, engine_load: bool = True):
         self.clock = clock  # the breakers' clock
         self.ring = Ring(vnodes)
         self.fail_threshold = fail_threshold
@@ -78,6 +93,8 @@ class WorkerPool:
         self.on_cache_size: list[Callable[[str, int], None]] = []  # a worker told its cache's size in tokens
         self.max_inflight: int | None = None  # admission's per-worker bound (router.admission); policies honour it
         self.max_prefill: int | None = None  # admission's bound on a worker's queued prefill tokens
+        self.engine_load = engine_load  # weigh the load workers report beyond this router's requests
+        self.mean_prompt = 0.0  # prompt tokens per request, a moving mean: a reported waiting request's prefill
 
     # ---- PoolView -----------------------------------------------------------------------------------------
 
@@ -102,15 +119,18 @@ class WorkerPool:
 
     # ---- membership ---------------------------------------------------------------------------------------
 
-    def add(self, url: str, weight: int = 1) -> Worker:
+    def add(self, url: str, weight: int = 1, engine: str | None = None) -> Worker:
+        """`engine`: its kind (protocol.engines.KINDS); None or "auto": detected by its probes."""
         url = normalize_url(url)
+        engine = None if engine == "auto" else engine
         w = self.workers.get(url)
         if w is None:
-            w = self.workers[url] = Worker(url, weight)
+            w = self.workers[url] = Worker(url, weight, engine=engine)
             if self.breaker_config is not None:
                 w.breaker = Breaker(self.breaker_config, self.clock)
         else:
             w.weight, w.draining = weight, False
+            w.engine = engine or w.engine
         self._rebuild()
         return w
 
@@ -142,6 +162,7 @@ class WorkerPool:
 
     def acquire(self, name: str, prefill: int = 0, context: int = 0) -> None:
         """A request goes to `name`: `prefill` tokens it is expected to compute there, `context` its prompt."""
+        self.mean_prompt += 0.01 * (context - self.mean_prompt)
         self._add(name, 1, prefill, context)
 
     def prefilled(self, name: str, prefill: int) -> None:
@@ -293,6 +314,22 @@ class WorkerPool:
                 except ValueError:
                     health = None
             tokens = health.get("cache_capacity_tokens") if isinstance(health, dict) else None
+            kv_tokens = None
+            if isinstance(tokens, int):  # a prefixroute worker
+                w.engine = PREFIXROUTE
+                self._reported(w, health.get("running"), health.get("waiting"), None)
+            elif ok and w.engine not in (PREFIXROUTE, OPENAI):  # another engine, or not known yet: its metrics
+                async with client.get(w.url + "/metrics", timeout=t) as r:
+                    reading = parse(await r.text(), w.engine if w.engine in ENGINES else None) \
+                        if r.status == 200 else None
+                if reading is None:
+                    w.engine = w.engine or OPENAI  # no metrics known here: not asked again
+                else:
+                    w.engine, tokens = reading.kind, reading.capacity_tokens
+                    if reading.kv_usage is not None and tokens:
+                        # less a block per running request: KV is held in whole blocks, prompts are not
+                        kv_tokens = reading.kv_usage * tokens - (reading.running or 0) * (reading.block_size or 0)
+                    self._reported(w, reading.running, reading.waiting, kv_tokens)
             if isinstance(tokens, int) and tokens > 0 and tokens != w.cache_tokens:
                 w.cache_tokens = tokens
                 for listener in self.on_cache_size:
@@ -307,6 +344,21 @@ class WorkerPool:
             self.mark_ok(w.name, models)
         else:
             self.mark_failed(w.name)
+
+    def _reported(self, w: Worker, running: object, waiting: object, kv_tokens: float | None) -> None:
+        """What the worker reports running and waiting (and, from an engine, the KV tokens its running requests
+        hold) beyond this router's own requests there becomes its external work."""
+        if not isinstance(running, int) or not isinstance(waiting, int):
+            w.reported, w.external_prefill, w.external_context = None, 0.0, 0.0
+            return
+        w.reported = (running, waiting)
+        if not self.engine_load:
+            return
+        others = max(0, running + waiting - w.inflight)
+        queued = min(waiting, others)  # the others' requests still waiting for their prefill
+        mean = self.mean_prompt
+        w.external_prefill = queued * mean
+        w.external_context = max(0.0, kv_tokens - w.context) if kv_tokens is not None else (others - queued) * mean
 
     async def probe_all(self, client: aiohttp.ClientSession, timeout: float) -> None:
         await asyncio.gather(*(self.probe(client, w, timeout) for w in list(self.workers.values())))

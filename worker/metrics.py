@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from protocol.tenantmetrics import TenantCounters
 from worker.engine.engine import Engine
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
@@ -59,21 +60,9 @@ class WorkerMetrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("prefixroute_worker_itl_seconds", "Inter-token latency (decode step per token)",
                              buckets=_ITL_BUCKETS, registry=r)
-        # By tenant and prefix version (bounded label sets: worker.server's BoundedLabels; "none" when absent)
-        labels = ["tenant", "prefix_version"]
-        self.tenant_prompt_tokens = Counter("prefixroute_worker_tenant_prompt_tokens",
-                                            "Prompt tokens by tenant and prefix version", labels, registry=r)
-        self.tenant_cached_tokens = Counter("prefixroute_worker_tenant_cached_tokens",
-                                            "Cached prompt tokens by tenant and prefix version", labels, registry=r)
-        self.expected = Counter("prefixroute_worker_expected_hits",
-                                "Requests the router expected to hit here, by tenant and outcome (hit or miss)",
-                                ["tenant", "outcome"], registry=r)
+        self.tenants = TenantCounters(r)  # by tenant and prefix version (bounded label sets: worker.server's)
         r.register(_EngineCollector(engine))
 
     def count_labelled(self, prompt: int, cached: int, tenant: str | None, version: str | None,
                        expected: int | None) -> None:
-        t, v = tenant or "none", version or "none"
-        self.tenant_prompt_tokens.labels(t, v).inc(prompt)
-        self.tenant_cached_tokens.labels(t, v).inc(cached)
-        if expected:
-            self.expected.labels(t, "hit" if cached > 0 else "miss").inc()
+        self.tenants.count(prompt, cached, tenant, version, expected)

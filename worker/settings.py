@@ -1,4 +1,5 @@
-"""Worker configuration: pydantic-settings (env prefix PREFIXROUTE_WORKER_) overridden by CLI flags."""
+"""Worker configuration: pydantic-settings (env prefix PREFIXROUTE_WORKER_) overridden by CLI flags; and the
+engine sidecar's (PREFIXROUTE_SIDECAR_, worker.sidecar). Both publish hit stats to Redis with StatsSettings."""
 
 from __future__ import annotations
 
@@ -6,13 +7,35 @@ import argparse
 from collections.abc import Sequence
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol.limits import LimitSettings, add_limit_flags
 
 
-class WorkerSettings(BaseSettings, LimitSettings):
+class StatsSettings(BaseModel):
+    """Hit stats and the heartbeat in Redis (protocol.statskeys)."""
+
+    redis_url: str | None = Field(None, description="publish hit stats and a heartbeat to this Redis")
+    stats_namespace: str = Field("prefixroute", pattern=r"^[A-Za-z0-9_.\-]{1,64}$",
+                                 description="prefix of every Redis key: several clusters on one Redis")
+    stats_interval_s: float = Field(1.0, gt=0, le=60, description="seconds between writes of hit stats to Redis")
+    heartbeat_ttl_s: float = Field(10.0, gt=0, description="a heartbeat older than this: gone, for the routers")
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _empty_redis_is_unset(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v  # compose's `${VAR:-}`
+
+
+def add_stats_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", help="publish hit stats and a heartbeat to this Redis (redis://host:port/db)")
+    p.add_argument("--stats-namespace")
+    p.add_argument("--stats-interval-s", type=float)
+    p.add_argument("--heartbeat-ttl-s", type=float)
+
+
+class WorkerSettings(BaseSettings, LimitSettings, StatsSettings):
     model_config = SettingsConfigDict(env_prefix="PREFIXROUTE_WORKER_")
 
     host: str = Field("127.0.0.1", description="address to listen on")
@@ -39,18 +62,13 @@ class WorkerSettings(BaseSettings, LimitSettings):
     sim_speedup: float = Field(1.0, gt=0, description="sim: simulated time runs this many times faster")
     sim_token_scale: float = Field(1.0, gt=0, description="sim: each prompt token costs and weighs this many")
     replicas: int = Field(1, ge=1, le=128, description="sim: workers served by this process, on port, port+1, ...")
-    redis_url: str | None = Field(None, description="publish hit stats and a heartbeat to this Redis")
-    stats_namespace: str = Field("prefixroute", pattern=r"^[A-Za-z0-9_.\-]{1,64}$",
-                                 description="prefix of every Redis key: several clusters on one Redis")
-    stats_interval_s: float = Field(1.0, gt=0, le=60, description="seconds between writes of hit stats to Redis")
-    heartbeat_ttl_s: float = Field(10.0, gt=0, description="a heartbeat older than this: gone, for the routers")
     advertise_url: str | None = Field(None, description="the URL routers reach this worker at; default http://host:port")
     fault_delay_s: float = Field(0.0, ge=0, description="testing: extra seconds each completion request waits "
                                  "before it is scheduled (a slow worker)")
     fault_error_rate: float = Field(0.0, ge=0, le=1, description="testing: this share of completion requests is "
                                     "answered at once with a 500 error (code injected_fault; a flaky worker)")
 
-    @field_validator("redis_url", "model", "advertise_url", "worker_id", mode="before")
+    @field_validator("model", "advertise_url", "worker_id", mode="before")
     @classmethod
     def _empty_is_unset(cls, v: object) -> object:
         return None if isinstance(v, str) and not v.strip() else v  # compose's `${VAR:-}`
@@ -96,9 +114,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sim-speedup", type=float)
     p.add_argument("--sim-token-scale", type=float, help="e.g. 32 when a trace's 512-token blocks were cut to 16")
     p.add_argument("--replicas", type=int, help="sim only: serve N workers on consecutive ports")
-    p.add_argument("--redis-url", help="publish hit stats and a heartbeat to this Redis (redis://host:port/db)")
-    p.add_argument("--stats-namespace")
-    p.add_argument("--stats-interval-s", type=float)
+    add_stats_flags(p)
     p.add_argument("--advertise-url", help="the URL routers reach this worker at (default http://host:port)")
     p.add_argument("--shutdown-grace-s", type=float, help="seconds requests in flight get after SIGTERM")
     p.add_argument("--fault-delay-s", type=float, help="testing: extra seconds before each request is scheduled")
@@ -109,3 +125,57 @@ def parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> WorkerSettings:
     args = {k: v for k, v in vars(parser().parse_args(argv)).items() if v is not None}
     return WorkerSettings(**args)
+
+
+class SidecarSettings(BaseSettings, StatsSettings):
+    """`python -m worker.sidecar`: another engine's stats (protocol.engines) as a prefixroute worker reports them."""
+
+    model_config = SettingsConfigDict(env_prefix="PREFIXROUTE_SIDECAR_")
+
+    engine_url: str = Field(description="the engine's OpenAI server (its /metrics and /v1/models)")
+    engine: Literal["auto", "vllm", "sglang", "llamacpp"] = Field("auto", description="the engine's kind; auto: "
+                                                                  "from its /metrics")
+    host: str = Field("127.0.0.1", description="address of the sidecar's own /metrics and /health")
+    port: int = Field(8011, ge=0, le=65535, description="port of the sidecar's own /metrics and /health")
+    worker_id: str | None = Field(None, description="name in stats; default the engine's host:port")
+    advertise_url: str | None = Field(None, description="the URL routers reach the engine at; default engine_url")
+    scrape_timeout_s: float = Field(2.0, gt=0, description="a slower /metrics read of the engine fails")
+    log_level: str = Field("info", description="debug, info, warning or error")
+
+    @field_validator("advertise_url", "worker_id", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @property
+    def engine_base(self) -> str:
+        return self.engine_url.rstrip("/")
+
+    @property
+    def name(self) -> str:
+        return self.worker_id or self.engine_base.split("://", 1)[-1]
+
+    @property
+    def url(self) -> str:
+        return (self.advertise_url or self.engine_base).rstrip("/")
+
+
+def sidecar_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m worker.sidecar",
+                                description="publish another engine's (vLLM, SGLang, llama.cpp) hit stats and load "
+                                "to Redis and /metrics as a prefixroute worker does")
+    p.add_argument("--engine-url", help="the engine's OpenAI server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--engine", choices=["auto", "vllm", "sglang", "llamacpp"])
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--worker-id")
+    p.add_argument("--advertise-url", help="the URL routers reach the engine at (default: --engine-url)")
+    p.add_argument("--scrape-timeout-s", type=float)
+    p.add_argument("--log-level")
+    add_stats_flags(p)
+    return p
+
+
+def parse_sidecar_args(argv: Sequence[str] | None = None) -> SidecarSettings:
+    args = {k: v for k, v in vars(sidecar_parser().parse_args(argv)).items() if v is not None}
+    return SidecarSettings(**args)

@@ -61,7 +61,7 @@ class _Pending:
 class StatsPublisher:
     def __init__(self, client: Any, keys: Keys, worker_id: str, info: dict[str, Any],
                  gauges: Callable[[], dict[str, int]], interval_s: float = 1.0, heartbeat_ttl_s: float = 10.0,
-                 max_keys: int = 10_000, max_labels: int = 256, timeout_s: float = 2.0):
+                 max_keys: int = 10_000, max_labels: int = 256, timeout_s: float = 2.0, worker_counters: bool = True):
         self.client = client  # redis.asyncio.Redis
         self.k = keys
         self.wid = worker_id
@@ -72,6 +72,9 @@ class StatsPublisher:
         self.max_keys = max_keys
         self.max_labels = max_labels
         self.timeout_s = timeout_s
+        # False: the router's publisher for other engines' requests (tenants, versions, keys only; the engine's
+        # sidecar, worker.sidecar, writes its worker and cluster counters, gauges and heartbeat)
+        self.worker_counters = worker_counters
         self.pending = _Pending()
         self.up: bool | None = None  # None until the first write
         self.flushes = 0
@@ -84,7 +87,8 @@ class StatsPublisher:
         """One finished request. `expected`: the prompt tokens the router expected this worker to hold."""
         c = {"requests": 1, "prompt_tokens": prompt, "cached_tokens": cached, "generated_tokens": generated}
         p = self.pending
-        p.worker.update(c)
+        if self.worker_counters:
+            p.worker.update(c)
         if tenant is not None:
             t = self._slot(p.tenants, tenant)
             t.update(c)
@@ -143,10 +147,11 @@ class StatsPublisher:
             if b.worker[field]:
                 pipe.hincrby(wkey, field, b.worker[field])
                 pipe.hincrby(k.cluster, field, b.worker[field])
-        gauges = {**self.gauges(), "url": self.info["url"], "model": self.info["model"], "updated": time.time()}
-        pipe.hset(wkey, mapping=gauges)
-        pipe.sadd(k.workers, wid)
-        pipe.set(k.heartbeat(wid), json.dumps({"id": wid, **self.info}), px=self.ttl_ms)
+        if self.worker_counters:
+            gauges = {**self.gauges(), "url": self.info["url"], "model": self.info["model"], "updated": time.time()}
+            pipe.hset(wkey, mapping=gauges)
+            pipe.sadd(k.workers, wid)
+            pipe.set(k.heartbeat(wid), json.dumps({"id": wid, **self.info}), px=self.ttl_ms)
         for names, key_of, table in ((k.tenants, k.tenant, b.tenants), (k.versions, k.version, b.versions)):
             if table:
                 pipe.sadd(names, *table)
@@ -172,4 +177,5 @@ class StatsPublisher:
         """A last flush, then the heartbeat goes: the worker leaves discovery at once, not after its TTL."""
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.flush(), self.timeout_s)
-            await asyncio.wait_for(self.client.delete(self.k.heartbeat(self.wid)), self.timeout_s)
+            if self.worker_counters:
+                await asyncio.wait_for(self.client.delete(self.k.heartbeat(self.wid)), self.timeout_s)

@@ -4,7 +4,8 @@ worker is expected to hold of its prompt and the work already queued there.
 - Expected hit: the prefix index (router.index) gives, per worker, the leading blocks of the prompt it is
   expected to hold; hit_w is the tokens of those blocks.
 - Load: load_w = prompt tokens its in-flight requests still have to prefill (until their first streamed byte)
-  + decode_weight x the context they hold while decoding (their KV, which slows each decode step).
+  + decode_weight x the context they hold while decoding (their KV, which slows each decode step), each plus
+  the worker's external work: what it reports queued and held beyond this router's requests (router.workers).
 - Cost: cost_w = load_w + prefill_weight x (prompt tokens - hit_w). prefill_weight (32) > 1 because a miss
   costs more than this request's wait: the GPU time it takes delays whatever queues behind it, and a prefix
   recomputed on a second worker evicts something there. Ties: fewest in flight, then fewest sent lately
@@ -70,7 +71,7 @@ class CacheAware:
 
     def load(self, pool: PoolView, name: str) -> float:
         w = pool.worker(name)
-        return w.prefill + self.decode_weight * w.context if w is not None else math.inf
+        return w.work(self.decode_weight) if w is not None else math.inf
 
     def choose(self, keys: RouteKeys, pool: PoolView, dry_run: bool = False, hold: bool = False) -> Decision:
         """The decision; with `hold`, when the best worker is full (admission's per-worker bound) and beats every
@@ -89,9 +90,9 @@ class CacheAware:
         least, least_load = "", math.inf
         dw = self.decode_weight
         for name in pool.active:
-            w = pool.worker(name)
-            if w.prefill + dw * w.context < least_load:
-                least, least_load = name, w.prefill + dw * w.context
+            work = pool.worker(name).work(dw)
+            if work < least_load:
+                least, least_load = name, work
         head = [order[i] for i in range(k)]  # the first k only: O(k), not a copy of the whole order
         candidates = dict.fromkeys([*head, *depth, *((last,) if last is not None else ()), least])
         # A spilled group's fan-out workers all come to hold what its requests share: count it as held there,
@@ -112,7 +113,7 @@ class CacheAware:
             if w is None or not w.usable or w.inflight + 1 > balance:
                 continue
             hit = expected_hit(seen if name in fan else depth.get(name, 0))
-            cost = w.prefill + dw * w.context + pw * (total - hit)
+            cost = w.work(dw) + pw * (total - hit)
             if cost > best[0] or (cost == best[0] and w.inflight > best[1]):
                 continue
             # ties: fewest in flight; then fewest requests sent lately, but for a prompt seen nowhere, which

@@ -21,7 +21,8 @@ def tool(name: str) -> str:
 
 @pytest.mark.parametrize("args,path,prom_path", [
     (["--gpus", "2"], "docker-compose.yml", "deploy/prometheus/prometheus.compose.yml"),
-    (["--cpu", "--workers", "2"], "docker-compose.cpu.yml", "deploy/prometheus/prometheus.compose.cpu.yml")])
+    (["--cpu", "--workers", "2"], "docker-compose.cpu.yml", "deploy/prometheus/prometheus.compose.cpu.yml"),
+    (["--engine", "vllm", "--gpus", "2"], "docker-compose.vllm.yml", "deploy/prometheus/prometheus.compose.vllm.yml")])
 def test_compose_files_are_current_and_valid(args, path, prom_path, tmp_path, monkeypatch):
     committed = (ROOT / path).read_text()
     prom = (ROOT / prom_path).read_text()
@@ -51,6 +52,22 @@ def test_each_gpu_worker_is_pinned_to_its_own_device_and_images_are_variables():
         router_deps = services["router"]["depends_on"]
         assert all(router_deps[n]["condition"] == "service_healthy" for n in services if n.startswith("worker-"))
         assert "--redis-url" in services["router"]["command"] and "--worker" not in services["router"]["command"]
+
+
+def test_vllm_variant_runs_vllm_on_each_gpu_with_a_stats_sidecar():
+    services = yaml.safe_load((ROOT / "docker-compose.vllm.yml").read_text())["services"]
+    engines = {n: s for n, s in services.items() if n.startswith("vllm-") and not n.startswith("vllm-sidecar-")}
+    assert sorted(engines) == ["vllm-1", "vllm-2"] and not any(n.startswith("worker-") for n in services)
+    ids = [s["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for s in engines.values()]
+    assert sorted(map(tuple, ids)) == [("0",), ("1",)]
+    assert all("--enable-prompt-tokens-details" in s["command"] for s in engines.values())
+    for i in (1, 2):
+        cmd = services[f"vllm-sidecar-{i}"]["command"]
+        assert cmd[:3] == ["python", "-m", "worker.sidecar"] and f"http://vllm-{i}:8000" in cmd
+        assert services[f"vllm-sidecar-{i}"]["depends_on"][f"vllm-{i}"]["condition"] == "service_healthy"
+    assert all(s["image"].startswith("${") and ":-" in s["image"] for s in services.values())
+    jobs = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.compose.vllm.yml").read_text())["scrape_configs"]
+    assert jobs[1]["static_configs"][0]["targets"] == ["vllm-sidecar-1:8011", "vllm-sidecar-2:8011"]
 
 
 def test_more_gpus_is_one_command(tmp_path, monkeypatch):

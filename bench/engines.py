@@ -1,0 +1,145 @@
+"""prefixroute in front of real vLLM servers: the same synthetic workload (Zipf-popular shared system prompts,
+`loadgen synth zipf`) through prefixroute's `cache_aware` and `round_robin` policies (and, with --sglang,
+SGLang's cache_aware router) over two vLLM CPU servers, side by side in one run.
+
+Hit ratio comes from vLLM's own counters (prefix_cache_hits / prefix_cache_queries, the deltas over each run),
+so every router is measured the same way; TTFT and per-worker balance from loadgen. Before each run both vLLM
+servers drop their prefix caches (POST /reset_prefix_cache, vLLM's dev-mode endpoint), so no run inherits
+another's cache. Policies alternate over `--passes` rounds (this machine is noisy: compare ratios).
+
+  python bench/engines.py --requests 120 --rate 3 --passes 2 --out docs/benchmarks/engines
+
+Needs vLLM's CPU build (deploy/vllm.sh installs it into .venv-vllm). Prints JSON and a markdown table; --out DIR
+writes engines.json and engines.md there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from harness.procs import start_router, start_vllm, stop_process, vllm_python  # noqa: E402
+from protocol.engines import VLLM, parse  # noqa: E402
+
+MODEL = "smollm2"
+
+
+def counters(urls: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for u in urls:
+        for k, v in parse(httpx.get(u + "/metrics", timeout=10).text, VLLM).counters.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def run_once(router: str, urls: list[str], args: argparse.Namespace, seed: int, tmp: Path) -> dict:
+    for u in urls:
+        r = httpx.post(u + "/reset_prefix_cache", timeout=30)
+        r.raise_for_status()
+    before = counters(urls)
+    out = tmp / f"run-{time.monotonic_ns()}"
+    subprocess.run([sys.executable, "-m", "loadgen", "synth", "zipf", "--url", router, "--model", MODEL,
+                    "--requests", str(args.requests), "--rate", str(args.rate), "--prompts", str(args.prompts),
+                    "--max-tokens", str(args.max_tokens), "--seed", str(seed), "--workers", str(len(urls)),
+                    "--out", str(out), "--quiet"], cwd=ROOT, check=True, timeout=1800, stdout=subprocess.DEVNULL)
+    after = counters(urls)
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    s = json.loads((out / "summary.json").read_text())  # one run: its summary
+    return {"seed": seed, "ok": s["ok"], "errors": s["errors"],
+            "vllm_hit_ratio": d["cached_tokens"] / d["cache_queries"] if d.get("cache_queries") else None,
+            "vllm_cached_tokens": d.get("cached_tokens"), "vllm_queried_tokens": d.get("cache_queries"),
+            "client_cached_ratio": s["cached_token_ratio"], "ttft_p50_s": s["ttft_p50_s"],
+            "ttft_p99_s": s["ttft_p99_s"], "e2e_p50_s": s["e2e_p50_s"], "max_mean_load": s["max_mean_load"]}
+
+
+def median(rows: list[dict], key: str) -> float | None:
+    xs = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(xs) if xs else None
+
+
+def markdown(result: dict) -> str:
+    lines = ["| router | vLLM hit ratio (hits/queries) | TTFT p50 | TTFT p99 | e2e p50 | max/mean requests | ok |",
+             "|---|---|---|---|---|---|---|"]
+    for name, rows in result["runs"].items():
+        m = {k: median(rows, k) for k in ("vllm_hit_ratio", "ttft_p50_s", "ttft_p99_s", "e2e_p50_s",
+                                           "max_mean_load")}
+        lines.append(f"| {name} | {m['vllm_hit_ratio']:.3f} | {m['ttft_p50_s'] * 1000:.0f} ms | "
+                     f"{m['ttft_p99_s'] * 1000:.0f} ms | {m['e2e_p50_s'] * 1000:.0f} ms | {m['max_mean_load']:.2f} | "
+                     f"{sum(r['ok'] for r in rows)}/{sum(r['ok'] + r['errors'] for r in rows)} |")
+    base = result["runs"].get("round_robin")
+    ca = result["runs"].get("cache_aware")
+    if base and ca:
+        lines.append("")
+        def r(key: str) -> float:
+            return median(ca, key) / median(base, key)
+
+        lines.append(f"cache_aware / round_robin: hit ratio {r('vllm_hit_ratio'):.2f}x, "
+                     f"TTFT p50 {r('ttft_p50_s'):.2f}x, TTFT p99 {r('ttft_p99_s'):.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=120)
+    p.add_argument("--rate", type=float, default=3.0, help="requests per second (Poisson)")
+    p.add_argument("--prompts", type=int, default=8, help="distinct system prompts (Zipf-popular)")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--passes", type=int, default=2)
+    p.add_argument("--kv-gib", type=int, default=1, help="each vLLM server's KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    p.add_argument("--sglang", action="store_true", help="also SGLang's router (pip install sglang-router)")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    python = vllm_python()
+    procs = []
+    result: dict = {"command": "python bench/engines.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                    "machine": f"{platform.machine()}, {os.cpu_count()} cores", "runs": {}}
+    policies = ["cache_aware", "round_robin"] + (["sglang_cache_aware"] if args.sglang else [])
+    with tempfile.TemporaryDirectory() as td:
+        tmp = Path(td)
+        try:
+            urls = []
+            for i in range(2):
+                u, proc = start_vllm(python, MODEL, kv_gib=args.kv_gib, log=open(tmp / f"vllm{i}.log", "wb"))
+                procs.append(proc)
+                urls.append(u)
+            for n in range(args.passes):
+                for policy in policies:
+                    if policy == "sglang_cache_aware":
+                        router, rp = start_router(urls, "--policy", "cache_aware", module="sglang_router.launch_router",
+                                                  wait_path="/health")
+                    else:
+                        router, rp = start_router(urls, "--policy", policy)
+                    try:
+                        row = run_once(router, urls, args, seed=n, tmp=tmp)
+                    finally:
+                        stop_process(rp)
+                    result["runs"].setdefault(policy, []).append(row)
+                    print(json.dumps({"pass": n, "policy": policy, **row}), file=sys.stderr)
+        finally:
+            for proc in procs:
+                stop_process(proc)
+    md = markdown(result)
+    print(json.dumps(result, indent=2))
+    print(md)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "engines.json").write_text(json.dumps(result, indent=2))
+        (args.out / "engines.md").write_text(f"`{result['command']}` on {result['machine']}\n\n{md}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
