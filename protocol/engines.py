@@ -35,6 +35,9 @@ LLAMACPP = "llamacpp"
 OPENAI = "openai"  # another OpenAI-compatible server whose /metrics names no engine known here: load not read
 KINDS = (PREFIXROUTE, VLLM, SGLANG, LLAMACPP, OPENAI)
 ENGINES = (VLLM, SGLANG, LLAMACPP)  # the kinds read from Prometheus metrics
+# Engines that mix the request's `cache_salt` into their block hashes, so tenants (each with its own salt from the
+# router) never share cache blocks. Others ignore the field: there, identical prefixes of different tenants share.
+SALTED = (PREFIXROUTE, VLLM)
 
 # The fields of an engine's counters that map onto protocol.statskeys.COUNTERS, plus cache_queries (vLLM's own
 # hit ratio is hits / queries).

@@ -11,6 +11,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, Field, ValidationError
 
+from protocol.engines import SALTED
 from protocol.errors import APIError
 from protocol.http import metrics_response, openai_app, parse_model, read_json
 from protocol.limits import TIME_LIMIT, Limits, check_max_tokens
@@ -308,6 +309,7 @@ class Router:
     def _listing(self) -> dict:
         return {"workers": [{"url": w.url, "weight": w.weight, "healthy": w.healthy, "draining": w.draining,
                              "inflight": w.inflight, "models": w.models, "engine": w.engine,
+                             "tenant_isolation": w.engine in SALTED if w.engine else None,
                              "reported": dict(zip(("running", "waiting"), w.reported)) if w.reported else None,
                              "breaker": w.breaker.state if w.breaker else None} for w in self.pool.workers.values()]}
 

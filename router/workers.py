@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from yarl import URL
 
-from protocol.engines import ENGINES, OPENAI, PREFIXROUTE, parse
+from protocol.engines import ENGINES, OPENAI, PREFIXROUTE, SALTED, parse
 from router.breaker import STATE_VALUE, Breaker, BreakerConfig
 from router.ring import Ring
 
@@ -324,7 +324,12 @@ class WorkerPool:
                         if r.status == 200 else None
                 if reading is None:
                     w.engine = w.engine or OPENAI  # no metrics known here: not asked again
+                    log.warning("worker %s: no engine metrics known here (load not read) and no cache_salt known: "
+                                "tenants' identical prefixes may share its cache", w.name)
                 else:
+                    if w.engine is None and reading.kind not in SALTED:
+                        log.warning("worker %s is a %s server: it ignores cache_salt, so tenants' identical "
+                                    "prefixes share its cache", w.name, reading.kind)
                     w.engine, tokens = reading.kind, reading.capacity_tokens
                     if reading.kv_usage is not None and tokens:
                         # less a block per running request: KV is held in whole blocks, prompts are not

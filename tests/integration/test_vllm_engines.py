@@ -6,6 +6,8 @@ tenant's cached prefix never a hit for another tenant on vLLM (the router's cach
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,6 +16,7 @@ import openai
 import pytest
 
 from harness.procs import start_redis, start_router, start_sidecar, start_vllm, start_worker, stop_process, vllm_python
+from harness.prom import DASHBOARDS, dashboard_targets, query, start_prometheus, substitute
 from protocol.engines import PREFIXROUTE, VLLM, parse
 
 MODEL = "smollm2"
@@ -46,24 +49,35 @@ def fleet(tmp_path_factory):
             procs.append(p)
         vllms = [u for u, _ in engines[:2]]
         prw = engines[2][0]
+        sidecars = []
         for u in vllms:
-            _, sp = start_sidecar(u, "--redis-url", redis_url, "--stats-interval-s", "0.5")
+            su, sp = start_sidecar(u, "--redis-url", redis_url, "--stats-interval-s", "0.5")
             procs.append(sp)
+            sidecars.append(su)
         config = tmp / "router.yaml"
         config.write_text(TENANTS)
         # The prefixroute worker is configured; the vLLM servers join from their sidecars' heartbeats.
         router, rp = start_router([prw], "--redis-url", redis_url, "--admin-key", "adm", "--config", str(config))
         procs.append(rp)
+        # Prometheus scrapes the router, the sidecars (the dashboards' worker metrics of vLLM) and the worker.
+        prom, pp = start_prometheus({"prefixroute-router": [hostport(router)],
+                                     "prefixroute-worker": [hostport(u) for u in [*sidecars, prw]]}, tmp)
+        procs.append(pp)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             listing = httpx.get(router + "/admin/workers", headers=ADMIN).json()["workers"]
             if sum(w["healthy"] for w in listing) == 3:
                 break
             time.sleep(0.5)
-        yield {"router": router, "vllms": vllms, "worker": prw, "redis": redis_url}
+        yield {"router": router, "vllms": vllms, "worker": prw, "redis": redis_url, "prom": prom,
+               "sidecars": sidecars}
     finally:
         for p in reversed(procs):
             stop_process(p)
+
+
+def hostport(url: str) -> str:
+    return url.split("://", 1)[1]
 
 
 def _vllm_counters(url: str) -> dict[str, int]:
@@ -182,3 +196,40 @@ def test_tenants_never_share_a_vllm_cache(fleet):
         assert send("sk-globex", messages) == (a, 0)  # the other tenant's identical prompt does not
         return
     raise AssertionError("no prompt that both tenants' routes send to one vLLM server")
+
+
+# What a sidecar exports under the worker's names; the dashboards' other worker panels (cache bytes, evictions) have
+# no vLLM series: vLLM reports neither.
+SIDECAR_METRICS = {"prefixroute_worker_requests_total", "prefixroute_worker_prompt_tokens_total",
+                   "prefixroute_worker_cached_tokens_total", "prefixroute_worker_running", "prefixroute_worker_waiting",
+                   "prefixroute_worker_ttft_seconds_bucket", "prefixroute_worker_itl_seconds_bucket"}
+
+
+def test_dashboards_show_the_vllm_workers(fleet):
+    """Run after the tests above (their traffic is within the dashboards' 1-minute rate window): every panel on
+    the worker metrics a sidecar exports has a finite value for each vLLM server; the tenant panels have the
+    router's counts of vLLM's answers."""
+    prom, sidecars = fleet["prom"], {hostport(u) for u in fleet["sidecars"]}
+    time.sleep(3)  # a few scrapes after the last request
+    checked, missing = 0, []
+    for title, legend, expr in dashboard_targets(DASHBOARDS / "prefixroute.json"):
+        names = set(re.findall(r"prefixroute_worker_\w+", expr))
+        if not names or not names <= SIDECAR_METRICS or "instance" not in expr:
+            continue
+        q = substitute(expr)
+        if "by (instance)" not in q and "by (le)" not in q:
+            rows = query(prom, q)
+            seen = {r["metric"].get("instance") for r in rows if math.isfinite(float(r["value"][1]))}
+            checked += 1
+            if not sidecars <= seen:
+                missing.append(f"{title} / {legend}: {q} -> {seen}")
+            continue
+        for sc in sidecars:  # the panel's expression restricted to one vLLM server's sidecar
+            rows = query(prom, q.replace('instance=~".*"', f'instance="{sc}"'))
+            checked += 1
+            if not any(math.isfinite(float(r["value"][1])) for r in rows):
+                missing.append(f"{title} / {legend} for {sc}: {q}")
+    assert checked >= 8 and not missing, "\n".join(missing)
+    tenants = {r["metric"]["tenant"] for r in query(
+        prom, 'sum by (tenant) (prefixroute_worker_tenant_prompt_tokens_total{job="prefixroute-router"})')}
+    assert "acme" in tenants
