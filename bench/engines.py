@@ -1,13 +1,15 @@
 """prefixroute in front of real vLLM servers: the same synthetic workload (Zipf-popular shared system prompts,
-`loadgen synth zipf`) through prefixroute's `cache_aware` and `round_robin` policies (and, with --sglang,
-SGLang's cache_aware router) over two vLLM CPU servers, side by side in one run.
+`loadgen synth zipf`) through prefixroute's `cache_aware` and `round_robin` policies, `cache_aware` with its
+per-key spill off, and (with --sglang) SGLang's cache_aware router, over two vLLM CPU servers, side by side in
+one run.
 
 Hit ratio comes from vLLM's own counters (prefix_cache_hits / prefix_cache_queries, the deltas over each run),
-so every router is measured the same way; TTFT and per-worker balance from loadgen. Before each run both vLLM
-servers drop their prefix caches (POST /reset_prefix_cache, vLLM's dev-mode endpoint), so no run inherits
-another's cache. Policies alternate over `--passes` rounds (this machine is noisy: compare ratios).
+so every router is measured the same way, and so is balance (max/mean of vLLM's own request counts); TTFT from
+loadgen. Before each run both vLLM servers drop their prefix caches (POST /reset_prefix_cache, vLLM's dev-mode
+endpoint), so no run inherits another's cache. Policies alternate over `--passes` rounds (this machine is
+noisy: compare ratios).
 
-  python bench/engines.py --requests 120 --rate 3 --passes 2 --out docs/benchmarks/engines
+  python bench/engines.py --requests 120 --rate 3 --passes 3 --sglang --out docs/benchmarks/engines
 
 Needs vLLM's CPU build (deploy/vllm.sh installs it into .venv-vllm). Prints JSON and a markdown table; --out DIR
 writes engines.json and engines.md there.
@@ -16,6 +18,7 @@ writes engines.json and engines.md there.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -24,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -32,17 +36,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from harness.procs import start_router, start_vllm, stop_process, vllm_python  # noqa: E402
+from harness.results import publish  # noqa: E402
 from protocol.engines import VLLM, parse  # noqa: E402
 
 MODEL = "smollm2"
 
 
-def counters(urls: list[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for u in urls:
-        for k, v in parse(httpx.get(u + "/metrics", timeout=10).text, VLLM).counters.items():
-            out[k] = out.get(k, 0) + v
-    return out
+# Router variants: prefixroute's policies, prefixroute's cache_aware with its per-key spill off (to show what the
+# spill costs and buys), and SGLang's cache_aware router.
+VARIANTS = {"cache_aware": ("--policy", "cache_aware"), "round_robin": ("--policy", "round_robin"),
+            "cache_aware_no_spill": ("--policy", "cache_aware", "--spill-rpm", "1000000")}
+SGLANG = "sglang_cache_aware"
+
+
+def counters(urls: list[str]) -> dict[str, dict[str, int]]:
+    return {u: parse(httpx.get(u + "/metrics", timeout=10).text, VLLM).counters for u in urls}
 
 
 def run_once(router: str, urls: list[str], args: argparse.Namespace, seed: int, tmp: Path) -> dict:
@@ -56,13 +64,18 @@ def run_once(router: str, urls: list[str], args: argparse.Namespace, seed: int, 
                     "--max-tokens", str(args.max_tokens), "--seed", str(seed), "--workers", str(len(urls)),
                     "--out", str(out), "--quiet"], cwd=ROOT, check=True, timeout=1800, stdout=subprocess.DEVNULL)
     after = counters(urls)
-    d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    d = {k: sum(after[u].get(k, 0) - before[u].get(k, 0) for u in urls) for k in after[urls[0]]}
+    served = [after[u].get("requests", 0) - before[u].get("requests", 0) for u in urls]  # vLLM's own count
     s = json.loads((out / "summary.json").read_text())  # one run: its summary
-    return {"seed": seed, "ok": s["ok"], "errors": s["errors"],
+    with open(out / "requests.csv", newline="") as f:
+        messages = Counter(row["error"] for row in csv.DictReader(f) if row["error"])
+    return {"seed": seed, "ok": s["ok"], "errors": s["errors"], "errors_by_status": s["errors_by_status"],
+            "error_messages": dict(messages.most_common(3)),
             "vllm_hit_ratio": d["cached_tokens"] / d["cache_queries"] if d.get("cache_queries") else None,
             "vllm_cached_tokens": d.get("cached_tokens"), "vllm_queried_tokens": d.get("cache_queries"),
             "client_cached_ratio": s["cached_token_ratio"], "ttft_p50_s": s["ttft_p50_s"],
-            "ttft_p99_s": s["ttft_p99_s"], "e2e_p50_s": s["e2e_p50_s"], "max_mean_load": s["max_mean_load"]}
+            "ttft_p99_s": s["ttft_p99_s"], "e2e_p50_s": s["e2e_p50_s"], "vllm_requests": served,
+            "max_mean_load": max(served) / (sum(served) / len(served)) if sum(served) else None}
 
 
 def median(rows: list[dict], key: str) -> float | None:
@@ -71,7 +84,8 @@ def median(rows: list[dict], key: str) -> float | None:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| router | vLLM hit ratio (hits/queries) | TTFT p50 | TTFT p99 | e2e p50 | max/mean requests | ok |",
+    lines = ["| router | vLLM hit ratio (hits/queries) | TTFT p50 | TTFT p99 | e2e p50 | max/mean requests (vLLM's) "
+             "| ok |",
              "|---|---|---|---|---|---|---|"]
     for name, rows in result["runs"].items():
         m = {k: median(rows, k) for k in ("vllm_hit_ratio", "ttft_p50_s", "ttft_p99_s", "e2e_p50_s",
@@ -79,15 +93,17 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {m['vllm_hit_ratio']:.3f} | {m['ttft_p50_s'] * 1000:.0f} ms | "
                      f"{m['ttft_p99_s'] * 1000:.0f} ms | {m['e2e_p50_s'] * 1000:.0f} ms | {m['max_mean_load']:.2f} | "
                      f"{sum(r['ok'] for r in rows)}/{sum(r['ok'] + r['errors'] for r in rows)} |")
-    base = result["runs"].get("round_robin")
     ca = result["runs"].get("cache_aware")
-    if base and ca:
-        lines.append("")
+    for other in ("round_robin", "cache_aware_no_spill", SGLANG):
+        base = result["runs"].get(other)
+        if not (ca and base):
+            continue
+
         def r(key: str) -> float:
             return median(ca, key) / median(base, key)
 
-        lines.append(f"cache_aware / round_robin: hit ratio {r('vllm_hit_ratio'):.2f}x, "
-                     f"TTFT p50 {r('ttft_p50_s'):.2f}x, TTFT p99 {r('ttft_p99_s'):.2f}x")
+        lines += ["", f"cache_aware / {other} (medians): hit ratio {r('vllm_hit_ratio'):.3f}x, "
+                  f"TTFT p50 {r('ttft_p50_s'):.2f}x, TTFT p99 {r('ttft_p99_s'):.2f}x, e2e p50 {r('e2e_p50_s'):.2f}x"]
     return "\n".join(lines)
 
 
@@ -106,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     procs = []
     result: dict = {"command": "python bench/engines.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                     "machine": f"{platform.machine()}, {os.cpu_count()} cores", "runs": {}}
-    policies = ["cache_aware", "round_robin"] + (["sglang_cache_aware"] if args.sglang else [])
+    policies = [*VARIANTS] + ([SGLANG] if args.sglang else [])
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         try:
@@ -117,11 +133,11 @@ def main(argv: list[str] | None = None) -> int:
                 urls.append(u)
             for n in range(args.passes):
                 for policy in policies:
-                    if policy == "sglang_cache_aware":
+                    if policy == SGLANG:
                         router, rp = start_router(urls, "--policy", "cache_aware", module="sglang_router.launch_router",
                                                   wait_path="/health")
                     else:
-                        router, rp = start_router(urls, "--policy", policy)
+                        router, rp = start_router(urls, *VARIANTS[policy])
                     try:
                         row = run_once(router, urls, args, seed=n, tmp=tmp)
                     finally:
@@ -131,13 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for proc in procs:
                 stop_process(proc)
-    md = markdown(result)
-    print(json.dumps(result, indent=2))
-    print(md)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "engines.json").write_text(json.dumps(result, indent=2))
-        (args.out / "engines.md").write_text(f"`{result['command']}` on {result['machine']}\n\n{md}\n")
+    publish(result, markdown(result), args.out, "engines", f"`{result['command']}` on {result['machine']}")
     return 0
 
 

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from routing_quality import git_state, run_one, seconds, write_requests  # noqa: E402
 
 from harness.fleet_sim import TRACE, TRACE_BLOCK, load_trace, offline_hit_ratio, per_worker_blocks, saturation_speed  # noqa: E402
+from harness.results import publish  # noqa: E402
 from worker.sim import GpuProfile  # noqa: E402
 
 
@@ -128,15 +129,9 @@ def main() -> int:
     report = {"command": command, "git": git_state(),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
               "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "runs": rows}
-    md = markdown(rows)
-    print(json.dumps(report, indent=2))
-    print(md)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "overload.json").write_text(json.dumps(report, indent=2))
-        (args.out / "overload.md").write_text(
+    publish(report, markdown(rows), args.out, "overload",
             f"Command: `{command}` ({report['machine']['cpus']} CPUs, {report['machine']['platform']}, "
-            f"git {report['git']})\n\n{md}\n"
+            f"git {report['git']})",
             "TTFT is over admitted requests (refused ones get their 429 within the queue wait). `% of pooled "
             "(admitted)` compares the workers' hit ratio with one pooled cache of the fleet's size fed the "
             "admitted requests in order; `(all)` with the whole replay. The queue wait is given in simulated "

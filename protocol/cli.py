@@ -1,7 +1,9 @@
-"""Command-line entry helpers shared by `python -m worker`, `python -m router` and `python -m loadgen`."""
+"""Command-line entry helpers shared by `python -m worker`, `python -m router`, `python -m worker.sidecar` and
+`python -m loadgen`."""
 
 from __future__ import annotations
 
+import logging
 import resource
 import sys
 from collections.abc import Callable
@@ -22,6 +24,11 @@ def settings_or_exit(parse: Callable[[list[str] | None], S], argv: list[str] | N
     except (OSError, ValueError) as exc:
         print(f"cannot read the configuration: {exc}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def configure_logging(level: str) -> None:
+    """The one log format of every prefixroute process."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def raise_open_files_limit() -> int:

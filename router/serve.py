@@ -11,7 +11,7 @@ import sys
 
 from aiohttp import web
 
-from protocol.cli import raise_open_files_limit, settings_or_exit
+from protocol.cli import configure_logging, raise_open_files_limit, settings_or_exit
 from protocol.limits import JSONErrorRunner, header_limits
 from protocol.modelfiles import ModelNotFound, load_tokenizer, resolve_model_path
 from router.app import Router
@@ -20,7 +20,7 @@ from router.settings import RouterSettings, parse_args
 
 def serve(argv: list[str] | None) -> int:
     settings = settings_or_exit(parse_args, argv)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     try:
         tokenizer = load_tokenizer(resolve_model_path(settings.model))
         router = Router(settings, tokenizer)

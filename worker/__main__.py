@@ -13,7 +13,7 @@ import psutil
 import torch
 from aiohttp import web
 
-from protocol.cli import settings_or_exit
+from protocol.cli import configure_logging, settings_or_exit
 from protocol.limits import JSONErrorRunner, header_limits
 from protocol.redis import redis_client
 from protocol.statskeys import Keys
@@ -153,7 +153,7 @@ async def serve(servers: list[WorkerServer]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     settings = settings_or_exit(parse_args, argv)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     try:
         servers = build(settings)
     except (ModelNotFound, ValueError, RuntimeError) as exc:

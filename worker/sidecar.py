@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from protocol.cli import settings_or_exit
+from protocol.cli import configure_logging, settings_or_exit
 from protocol.engines import COUNTER_FIELDS, EngineReading, parse
 from protocol.http import metrics_response
 from protocol.redis import redis_client
@@ -241,7 +241,7 @@ async def serve(settings: SidecarSettings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     settings = settings_or_exit(parse_sidecar_args, argv)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     asyncio.run(serve(settings))
     return 0
 
