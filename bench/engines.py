@@ -6,7 +6,8 @@ one run.
 Hit ratio comes from vLLM's own counters (prefix_cache_hits / prefix_cache_queries, the deltas over each run),
 so every router is measured the same way, and so is balance (max/mean of vLLM's own request counts); TTFT from
 loadgen. Before each run both vLLM servers drop their prefix caches (POST /reset_prefix_cache, vLLM's dev-mode
-endpoint), so no run inherits another's cache. Policies alternate over `--passes` rounds (this machine is
+endpoint), so no run inherits another's cache, and each router first answers one request (so none is timed
+while it is still finding its workers). Policies alternate over `--passes` rounds (this machine is
 noisy: compare ratios).
 
   python bench/engines.py --requests 120 --rate 3 --passes 3 --sglang --out docs/benchmarks/engines
@@ -42,15 +43,28 @@ from protocol.engines import VLLM, parse  # noqa: E402
 MODEL = "smollm2"
 
 
-# Router variants: prefixroute's policies, prefixroute's cache_aware with its per-key spill off (to show what the
-# spill costs and buys), and SGLang's cache_aware router.
-VARIANTS = {"cache_aware": ("--policy", "cache_aware"), "round_robin": ("--policy", "round_robin"),
-            "cache_aware_no_spill": ("--policy", "cache_aware", "--spill-rpm", "1000000")}
+# Router variants, each a router module and its flags: prefixroute's policies, prefixroute's cache_aware with its
+# per-key spill off (to show what the spill costs and buys), and SGLang's cache_aware router.
+VARIANTS = {"cache_aware": ("router", ("--policy", "cache_aware")),
+            "round_robin": ("router", ("--policy", "round_robin")),
+            "cache_aware_no_spill": ("router", ("--policy", "cache_aware", "--spill-rpm", "1000000"))}
 SGLANG = "sglang_cache_aware"
+SGLANG_VARIANT = ("sglang_router.launch_router", ("--policy", "cache_aware"))
 
 
 def counters(urls: list[str]) -> dict[str, dict[str, int]]:
     return {u: parse(httpx.get(u + "/metrics", timeout=10).text, VLLM).counters for u in urls}
+
+
+def wait_routing(router: str, timeout: float = 60.0) -> None:
+    """Until the router answers a request: SGLang's answers /health before its own checks have found the workers
+    (measured: half of the first requests refused with 503 no_available_workers), and no router is timed before."""
+    deadline = time.monotonic() + timeout
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "ready?"}], "max_tokens": 1}
+    while httpx.post(router + "/v1/chat/completions", json=body, timeout=60).status_code != 200:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{router} routes no request after {timeout:.0f} s")
+        time.sleep(1)
 
 
 def run_once(router: str, urls: list[str], args: argparse.Namespace, seed: int, tmp: Path) -> dict:
@@ -115,14 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--passes", type=int, default=2)
     p.add_argument("--kv-gib", type=int, default=1, help="each vLLM server's KV cache (VLLM_CPU_KVCACHE_SPACE)")
-    p.add_argument("--sglang", action="store_true", help="also SGLang's router (pip install sglang-router)")
+    p.add_argument("--sglang", action="store_true", help="also SGLang's router (pip install -e '.[bench]')")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     python = vllm_python()
     procs = []
     result: dict = {"command": "python bench/engines.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                     "machine": f"{platform.machine()}, {os.cpu_count()} cores", "runs": {}}
-    policies = [*VARIANTS] + ([SGLANG] if args.sglang else [])
+    variants = {**VARIANTS, **({SGLANG: SGLANG_VARIANT} if args.sglang else {})}
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         try:
@@ -132,13 +146,10 @@ def main(argv: list[str] | None = None) -> int:
                 procs.append(proc)
                 urls.append(u)
             for n in range(args.passes):
-                for policy in policies:
-                    if policy == SGLANG:
-                        router, rp = start_router(urls, "--policy", "cache_aware", module="sglang_router.launch_router",
-                                                  wait_path="/health")
-                    else:
-                        router, rp = start_router(urls, *VARIANTS[policy])
+                for policy, (module, flags) in variants.items():
+                    router, rp = start_router(urls, *flags, module=module)
                     try:
+                        wait_routing(router)
                         row = run_once(router, urls, args, seed=n, tmp=tmp)
                     finally:
                         stop_process(rp)

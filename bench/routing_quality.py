@@ -273,7 +273,7 @@ def main() -> int:
     args = p.parse_args()
     if "sglang" in args.policies and shutil.which("python3") and subprocess.run(
             [sys.executable, "-c", "import sglang_router"], capture_output=True).returncode != 0:
-        print("sglang-router is not installed (pip install sglang-router); skipping it", file=sys.stderr)
+        print("sglang-router is not installed (pip install -e '.[bench]'); skipping it", file=sys.stderr)
         args.policies = [x for x in args.policies if x != "sglang"]
     if args.shape:
         from loadgen.shapes import trace_file
