@@ -21,7 +21,11 @@ worker is expected to hold of its prompt and the work already queued there.
   tie), and the index makes that worker its home. A conversation's next turn finds its last turn's worker as the
   deepest match; conversations sharing a hot document part where their own turns begin.
 - Bound: a worker whose in-flight count would exceed ceil(c x mean) + s, the mean over the ring's workers, is no
-  candidate; if none is left, the next ring worker under the bound takes the request.
+  candidate while its load is at or above the ring's mean and some ring worker has no prefill queued; if none is
+  left, the next ring worker under the count bound takes the request. Past the count but below the mean load, a
+  worker holds many cheap requests (cache hits, decodes); with every worker's prefill queued (overload), a
+  worker given the request in its place would recompute the prefix on a fleet with no room for it. Both moves
+  cost hits and TTFT under 2x overload (docs/benchmarks, "The count bound").
 - State: the index (an LRU of blocks per worker, sized by the worker's reported cache), the rate table and the
   session table are bounded and may start empty: requests then go by ring order and load, and the index refills
   from the decisions.
@@ -89,8 +93,12 @@ class CacheAware:
         last = self._session(keys.session) if keys.session is not None else None
         least, least_load = "", math.inf
         dw = self.decode_weight
+        total_load, room = 0.0, False  # room: some worker has no prefill queued
         for name in pool.active:
-            work = pool.worker(name).work(dw)
+            w = pool.worker(name)
+            work = w.work(dw)
+            total_load += work
+            room = room or w.prefill + w.external_prefill == 0
             if work < least_load:
                 least, least_load = name, work
         head = [order[i] for i in range(k)]  # the first k only: O(k), not a copy of the whole order
@@ -104,16 +112,20 @@ class CacheAware:
             return min(keys.tokens_through(blocks), max(0, total - 1))
 
         balance = math.ceil(self.c * (pool.active_inflight + 1) / n) + self.s
+        mean_load = total_load / n if n else 0.0
         now = self.rates.clock()
         pw = self.prefill_weight
         pick, best, pick_hit = "", (math.inf, 0, 0.0), 0
         full, full_best, full_hit = "", (math.inf, 0, 0.0), 0  # the best worker only admission's bound rules out
         for name in candidates:
             w = pool.worker(name)
-            if w is None or not w.usable or w.inflight + 1 > balance:
+            if w is None or not w.usable:
+                continue
+            load = w.work(dw)
+            if w.inflight + 1 > balance and room and load >= mean_load:
                 continue
             hit = expected_hit(seen if name in fan else depth.get(name, 0))
-            cost = w.work(dw) + pw * (total - hit)
+            cost = load + pw * (total - hit)
             if cost > best[0] or (cost == best[0] and w.inflight > best[1]):
                 continue
             # ties: fewest in flight; then fewest requests sent lately, but for a prompt seen nowhere, which

@@ -1,11 +1,13 @@
 """Routing properties (hypothesis): stability, minimal remapping, spill growth and shrink, conversations
-following their cache, work-aware placement, bounded load, fleet-wide spread of a dominant group."""
+following their cache, work-aware placement, bounded load (by count, for workers at or above the mean load),
+fleet-wide spread of a dominant group."""
 
 from __future__ import annotations
 
 import hashlib
 import math
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -263,6 +265,26 @@ def test_a_conversation_moved_off_a_hot_worker_stays_on_its_new_worker():
         pool.release(home)
     again = policy.choose(req([3, 4, 5, 6]), pool)  # home is idle again, but the new worker holds more of it
     assert again.worker == moved.worker and again.reason in ("cache", "affinity")
+
+
+@pytest.mark.parametrize("home_prefill, others_prefill, stays", [
+    (0, (0, 20_000, 20_000), True),  # past the count, below the mean load: many cheap requests, it keeps the prompt
+    (100, (0, 0, 0), False),  # past the count, above the mean load, a worker is idle: passed over
+    (100, (50, 50, 50), True),  # the same, but every worker has prefill queued (overload): the cost decides
+])
+def test_the_count_bound_passes_over_a_worker_only_above_the_mean_load_while_a_worker_has_room(
+        home_prefill, others_prefill, stays):
+    # Under overload moving a prompt off its cached worker recomputes its prefix on a fleet with no room for it.
+    policy = CacheAware(load_factor=1.0, load_slack=0, rates=RateTable(clock=Clock()))
+    pool = pool_of(4)
+    home = policy.choose(req([1, 2, 3, 4]), pool).worker
+    for _ in range(6):
+        pool.acquire(home, prefill=home_prefill, context=100)
+    for other, prefill in zip([w for w in pool.active if w != home], others_prefill):
+        pool.acquire(other, prefill=prefill, context=max(prefill, 100))
+    assert pool.inflight(home) + 1 > math.ceil((pool.active_inflight + 1) / 4)  # past the count bound
+    d = policy.choose(req([1, 2, 3, 4, 5]), pool)
+    assert (d.worker == home) is stays, d
 
 
 def test_a_prompt_cached_nowhere_goes_to_the_worker_with_the_least_work_not_the_fewest_requests():
