@@ -78,7 +78,8 @@ class RouterSettings(BaseSettings, LimitSettings):
     rate_window_s: float = Field(60.0, gt=0, description="window of the per-key rates behind spill (seconds)")
     max_tracked_keys: int = Field(100_000, ge=16, description="keys whose rate, and sessions whose worker, are kept")
     session_ttl_s: float = Field(3600.0, gt=0, description="a session idle this long no longer pins its worker")
-    load_factor: float = Field(1.25, ge=1.0, description="c: a worker above c x mean + s in-flight is passed over")
+    load_factor: float = Field(1.25, ge=1.0, description="c: a worker above c x mean + s in-flight is passed over "
+                               "(while its load is at or above the mean and some worker has no prefill queued)")
     load_slack: float = Field(4.0, ge=0.0, description="s")
     prefill_weight: float = Field(32.0, ge=0.0, description="weight of the tokens a worker would have to prefill")
     decode_weight: float = Field(0.01, ge=0.0, description="weight of the context tokens a worker's in-flight "
