@@ -47,9 +47,14 @@ class Worker:
     external_prefill: float = 0.0  # work the worker reports beyond this router's requests (module docstring)
     external_context: float = 0.0
 
+    @property
+    def queued_prefill(self) -> float:
+        """Prompt tokens queued here for prefill: this router's requests and what the worker reports beyond them."""
+        return self.prefill + self.external_prefill
+
     def work(self, decode_weight: float) -> float:
         """The work queued here, in prompt tokens: prefill not started, plus decode_weight x the context held."""
-        return self.prefill + self.external_prefill + decode_weight * (self.context + self.external_context)
+        return self.queued_prefill + decode_weight * (self.context + self.external_context)
 
     @property
     def name(self) -> str:

@@ -98,7 +98,7 @@ class CacheAware:
             w = pool.worker(name)
             work = w.work(dw)
             total_load += work
-            room = room or w.prefill + w.external_prefill == 0
+            room = room or w.queued_prefill == 0
             if work < least_load:
                 least, least_load = name, work
         head = [order[i] for i in range(k)]  # the first k only: O(k), not a copy of the whole order
