@@ -107,6 +107,8 @@ def main() -> int:
     p.add_argument("--max-output-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, action="append", default=[], help="a seed to run (repeatable)")
     p.add_argument("--seeds", type=int, nargs="+", default=[], help="seeds to run; default 0")
+    p.add_argument("--step-tokens", type=int, help="the engine's token budget per step (default: the sim worker's, "
+                   "GpuProfile.max_batch_tokens, in the trace's real tokens)")
     p.add_argument("--per-worker", action="store_true", help="add each run's per-worker spread to the output")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="router settings to override")
     p.add_argument("--out", type=Path, help="markdown file to write the table to (and .json beside it)")
@@ -129,7 +131,8 @@ def main() -> int:
             for policy in args.policies:
                 for seed in seeds:
                     s = RouterSettings(workers=[], policy=policy, **overrides)
-                    o = fs.simulate(reqs, n, s, speed_1x * load, profile, args.max_output_tokens, seed=seed)
+                    o = fs.simulate(reqs, n, s, speed_1x * load, profile, args.max_output_tokens, seed=seed,
+                                    step_tokens=args.step_tokens)
                     row = {"workers": n, "policy": policy, "load": load, "seed": seed, "pooled": pooled,
                            "pct_pooled": o.hit_ratio / pooled, **o.__dict__}
                     admitted = set(row.pop("admitted"))

@@ -5,12 +5,13 @@ an infinite cache). One trace block is one cache entry (a block_size-1 chain ove
 semantics are the engine's. A block is TRACE_BLOCK tokens (Mooncake's 512) unless `block_tokens` says otherwise
 (hash ids of token chains at the worker's block size, as the prefix doctor builds them).
 
-Each simulated worker: a FIFO prefill server (profile.prefill_s on the uncached tokens, plus one decode step
-of the running batch per prefill, as chunked-prefill engines interleave them), then decode for
-min(output, cap) steps at the batch's step time; a request starts only when its KV (prompt + output) fits in
-the GPU's KV pool beside the running ones, as the engine's scheduler admits. The cache is looked up when
-prefill starts and the prompt's blocks are inserted when it ends, as in the engine. The router sees in-flight
-counts (arrival to last token), what WorkerPool counts live.
+Each simulated worker steps as the engine does (worker.engine.scheduler, the sim backend's costs): a step
+decodes one token of every decoding request and gives the rest of its token budget to prefill chunks, the
+running requests' oldest first, then queued requests admitted first come first served while budget, the batch
+and the KV pool (prompt + output per request) have room, looking the cache up then; so under load every
+decode step waits for the prefill chunks beside it. Each chunk's full blocks are cached as it ends; the first
+token comes with the last. The router sees in-flight counts (arrival to last token), what WorkerPool counts
+live.
 """
 
 from __future__ import annotations
@@ -122,17 +123,31 @@ def route_keys(req: dict[str, Any], prefix_tokens: int = 256, seed: int = 0,
 
 
 @dataclass
+class Running:
+    """A request the worker's scheduler admitted: its prompt still to compute, then its tokens still to decode."""
+
+    i: int
+    computed: int  # prompt tokens computed (the cache hit counts as computed at admission)
+    prompt: int
+    decode_left: int  # decode steps after its first token
+    context: int  # tokens in its KV while decoding
+
+
+@dataclass
 class SimWorker:
     name: str
     cache: BlockCache
-    queue: deque = field(default_factory=deque)
-    prefilling: bool = False
-    decoding: dict[int, int] = field(default_factory=dict)  # request index -> context tokens
+    queue: deque = field(default_factory=deque)  # placed, not yet admitted by the scheduler (FIFO)
+    running: list[Running] = field(default_factory=list)  # admitted, in admission order
     kv_tokens: int = 0  # reserved by admitted requests (prompt + output), as the engine's scheduler counts
     requests: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
     busy_s: float = 0.0
+    version: int = 0  # of its next "step" event; a stale one is skipped
+    # a run of decode-only steps in progress: (start, seconds per step, steps); None when none
+    decoding_run: tuple[float, float, int] | None = None
+    next_t: float | None = None  # when its step in progress ends (None: idle)
 
 
 @dataclass
@@ -150,10 +165,11 @@ class Outcome:
 
 def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed: float,
              profile: GpuProfile = GpuProfile(), max_output: int = 64, seed: int = 0,
-             block_tokens: int = TRACE_BLOCK) -> Outcome:
+             block_tokens: int = TRACE_BLOCK, step_tokens: int | None = None) -> Outcome:
     """Replay `reqs` at `speed` x trace time through `settings.policy` to n simulated workers. `seed` salts the
     routing keys and block chains (see route_keys) and seeds the random policy's RNG; each hash id stands for
-    `block_tokens` tokens."""
+    `block_tokens` tokens. `step_tokens`: the engine's token budget per step (default: the sim worker's,
+    profile.max_batch_tokens, in real tokens as the trace's)."""
     clock = [0.0]
     policy = RandomPolicy(seed) if settings.policy == "random" else make_policy(settings, clock=lambda: clock[0])
     pool = WorkerPool(vnodes=settings.vnodes)
@@ -192,30 +208,118 @@ def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed
     reasons: dict[str, int] = {}
     pins: dict[int, list] = {}
     work: dict[int, tuple[int, int]] = {}  # request -> (prefill, context) the router charged its worker
+    steps: dict[str, tuple[float, list, list]] = {}  # worker -> its step in progress: start, chunks, decoding
+    if step_tokens is None:
+        step_tokens = profile.max_batch_tokens
 
     def reserve(r: dict[str, Any]) -> int:
         return r["input_length"] + min(r["output_length"], max_output)
 
-    def start_prefill(w: SimWorker, now: float) -> None:
-        if w.prefilling or not w.queue:
+    def plan(w: SimWorker, now: float) -> None:
+        """The worker's next engine step from `now`, as the engine's scheduler plans it (worker.engine.scheduler):
+        one token for each decoding request, the token budget left to the running prefilling ones, oldest first,
+        in chunks, then to queued requests admitted first come first served while budget, the batch and the KV
+        pool have room (the cache is looked up then). A stretch of decode-only steps runs as one event until the
+        first request ends or a new one arrives."""
+        decode = [x for x in w.running if x.computed >= x.prompt]
+        budget = max(step_tokens - len(decode), 1)
+        chunks: list[tuple[Running, int]] = []
+        for x in w.running:  # the running requests' prefill first, oldest first
+            if budget <= 0:
+                break
+            if x.computed < x.prompt:
+                chunks.append((x, min(x.prompt - x.computed, budget)))
+                budget -= chunks[-1][1]
+        while w.queue and budget > 0 and len(w.running) < profile.max_num_seqs:
+            r = reqs[w.queue[0]]
+            if w.running and w.kv_tokens + reserve(r) > kv_cap:
+                break  # the oldest waits for KV room; a lone request is always admitted
+            i = w.queue.popleft()
+            w.kv_tokens += reserve(r)
+            ids = r["hash_ids"]
+            chain = w.cache.acquire_prefix(ids, None, len(ids))
+            cached = cached_tokens(r, len(chain), block_tokens)
+            w.prompt_tokens += r["input_length"]
+            w.cached_tokens += cached
+            pins[i] = chain
+            x = Running(i, cached, r["input_length"], max(0, min(r["output_length"], max_output) - 1),
+                        r["input_length"])
+            w.running.append(x)
+            chunks.append((x, min(x.prompt - x.computed, budget)))
+            budget -= chunks[-1][1]
+        if not w.running:
+            w.next_t = None
             return
-        r = reqs[w.queue[0]]
-        if w.decoding and w.kv_tokens + reserve(r) > kv_cap:
-            return  # admission waits for KV room, as the engine's scheduler does
-        i = w.queue.popleft()
-        w.kv_tokens += reserve(r)
-        ids = r["hash_ids"]
-        chain = w.cache.acquire_prefix(ids, None, len(ids))
-        cached = cached_tokens(r, len(chain), block_tokens)
-        w.prompt_tokens += r["input_length"]
-        w.cached_tokens += cached
-        pins[i] = chain
-        dt = profile.step_overhead_s + profile.prefill_s(r["input_length"] - cached, cached)
-        if w.decoding:
-            dt += profile.decode_s(list(w.decoding.values()))
-        w.busy_s += dt
-        w.prefilling = True
-        push(now + dt, "prefilled", (w.name, i))
+        overhead = profile.step_overhead_s
+        w.version += 1
+        if len(decode) == len(w.running):
+            st = overhead + profile.decode_s([x.context for x in decode])
+            m = min(x.decode_left for x in decode)
+            w.decoding_run, w.next_t = (now, st, m), now + m * st
+        else:
+            dt, timed = 0.0, []
+            for x, n in chunks:
+                dt += overhead + profile.prefill_s(n, x.computed)
+                timed.append((x, n, now + dt))
+            chunks = timed
+            if decode:
+                dt += overhead + profile.decode_s([x.context for x in decode])
+            w.decoding_run, w.next_t = None, now + dt
+            steps[w.name] = (now, chunks, decode)
+        push(w.next_t, "step", (w.name, w.version))
+
+    def step(w: SimWorker, now: float) -> None:
+        """The step (or run of decode-only steps) planned for `now` ends: first tokens, ends, the next step."""
+        ended = []
+        if w.decoding_run is not None:
+            t0, st, m = w.decoding_run
+            w.busy_s += m * st
+            for x in w.running:
+                x.decode_left -= m
+                x.context += m
+                if x.decode_left == 0:
+                    ended.append(x)
+        else:
+            start, chunks, decode = steps.pop(w.name)
+            w.busy_s += now - start
+            for x, n, t in chunks:
+                x.computed += n
+                ids = reqs[x.i]["hash_ids"]
+                if x.computed < x.prompt:  # a chunk's full blocks are cached as it ends
+                    pins[x.i] = insert_chain(w.cache, ids[:x.computed // block_tokens], pins[x.i])
+                else:  # its first token: blocks cached, the router sees prefill done
+                    pins[x.i] = insert_chain(w.cache, ids, pins[x.i])
+                    ttft.append(t - arrive_t[x.i])
+                    pool.prefilled(w.name, work[x.i][0])
+                    if x.decode_left == 0:
+                        ended.append(x)
+            for x in decode:
+                x.decode_left -= 1
+                x.context += 1
+                if x.decode_left == 0:
+                    ended.append(x)
+        for x in ended:
+            w.running.remove(x)
+            w.kv_tokens -= reserve(reqs[x.i])
+            w.cache.release(pins.pop(x.i))
+            pool.release(w.name, 0, work.pop(x.i)[1])
+        w.decoding_run = None
+        plan(w, now)
+        for _ in ended:
+            wake(w.name, now)
+
+    def arrived(w: SimWorker, now: float) -> None:
+        """A request joins the worker's queue: an idle worker plans a step; a run of decode-only steps ends with
+        the step in progress, so the next one admits it."""
+        if w.next_t is None:
+            plan(w, now)
+        elif w.decoding_run is not None:
+            t0, st, m = w.decoding_run
+            k = min(m, int((now - t0) / st) + 1)
+            if k < m:
+                w.version += 1
+                w.decoding_run, w.next_t = (t0, st, k), t0 + k * st
+                push(w.next_t, "step", (w.name, w.version))
 
     def place(i: int, d: Any, now: float) -> None:
         reasons[d.reason] = reasons.get(d.reason, 0) + 1
@@ -225,7 +329,7 @@ def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed
         w.requests += 1
         admitted.append(i)
         w.queue.append(i)
-        start_prefill(w, now)
+        arrived(w, now)
 
     def admit(i: int, now: float, deadline: float) -> None:
         """Place request i, or park it until a slot frees (or its deadline), or refuse it."""
@@ -274,29 +378,11 @@ def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed
                 refused.append(data)
             else:
                 place(data, policy.choose(keys, pool), now)
-        elif kind == "prefilled":
-            name, i = data
-            w = workers[name]
-            r = reqs[i]
-            pins[i] = insert_chain(w.cache, r["hash_ids"], pins[i])
-            ttft.append(now - arrive_t[i])
-            pool.prefilled(name, work[i][0])  # the first token streams back: the router sees prefill done
-            w.prefilling = False
-            steps = max(0, min(r["output_length"], max_output) - 1)
-            w.decoding[i] = r["input_length"]
-            step = profile.step_overhead_s + profile.decode_s(list(w.decoding.values()))
-            w.busy_s += steps * step / max(1, len(w.decoding))
-            push(now + steps * step, "done", (name, i))
-            start_prefill(w, now)
         else:
-            name, i = data
+            name, version = data
             w = workers[name]
-            del w.decoding[i]
-            w.kv_tokens -= reserve(reqs[i])
-            w.cache.release(pins.pop(i))
-            pool.release(name, 0, work.pop(i)[1])
-            start_prefill(w, now)
-            wake(name, now)
+            if version == w.version:
+                step(w, now)
     ws = list(workers.values())
     mean = sum(w.requests for w in ws) / n
     busy_mean = sum(w.busy_s for w in ws) / n

@@ -68,7 +68,9 @@ def build_sim(settings: WorkerSettings) -> list[WorkerServer]:
     explicit = settings.model_fields_set
     # A GPU engine's defaults, unless given: its batch limits and the KV memory the GPU leaves.
     max_num_seqs = settings.max_num_seqs if "max_num_seqs" in explicit else profile.max_num_seqs
-    max_batch_tokens = settings.max_batch_tokens if "max_batch_tokens" in explicit else 8192
+    # The step budget is the GPU's in real tokens: with a token scale, each sim token stands for that many.
+    max_batch_tokens = settings.max_batch_tokens if "max_batch_tokens" in explicit else \
+        max(16, round(profile.max_batch_tokens / settings.sim_token_scale))
     cache_bytes = settings.cache_bytes if settings.cache_bytes is not None else profile.kv_capacity_bytes
     if settings.cache_tokens is not None:
         cache_bytes = int(settings.cache_tokens * profile.kv_bytes_per_token * settings.sim_token_scale)

@@ -51,7 +51,8 @@ class WorkerSettings(BaseSettings, LimitSettings, StatsSettings):
         None, ge=0, description="KV pool: running requests and prefix cache; default: default_cache_bytes")
     cache_tokens: int | None = Field(None, ge=0, description="the budget in tokens of KV instead (wins over bytes)")
     max_num_seqs: int = Field(16, ge=1, description="requests decoded together")
-    max_batch_tokens: int = Field(512, ge=16, description="tokens per engine step (decode + one prefill chunk)")
+    max_batch_tokens: int = Field(512, ge=16, description="tokens per engine step (decode + prefill chunks); "
+                                  "the sim backend's default: its GPU profile's 8192 real tokens")
     max_waiting: int = Field(1024, ge=0, description="queued requests beyond which new ones get 503")
     cache_generated: bool = Field(True, description="also cache blocks of generated tokens (multi-turn hits)")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM: stop accepting, leave Redis, give requests "

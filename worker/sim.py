@@ -43,6 +43,7 @@ class GpuProfile:
     kv_capacity_bytes: int = 56 * 10**9
     max_model_len: int = 131_072
     max_num_seqs: int = 256
+    max_batch_tokens: int = 8192  # tokens per engine step (decode + prefill chunks), vLLM's default on this GPU
 
     def prefill_s(self, new_tokens: int, context: int) -> float:
         attn = 1.0 + self.prefill_ctx_factor_per_1k * (context + new_tokens / 2) / 1000

@@ -28,6 +28,21 @@ def test_a_request_never_counts_its_last_token_as_cached():
     assert offline_hit_ratio(reqs, None) == pytest.approx(512 / 2048)  # block 1 holds the last token
 
 
+def test_a_repeat_queued_behind_its_document_hits_the_chunks_computed_before_it_is_admitted():
+    """One worker, the engine's step budget of 8,192 tokens: C (10 blocks) runs; A (40 blocks) and B (A plus one
+    block) arrive during C's step. A's prefill takes two full steps' budget, so B is admitted with A's last chunk
+    and finds the 31 blocks of A's first 16,382 tokens. With a budget that admits both at once (a step of 1M
+    tokens, the sim worker's before it counted its budget in real tokens), B finds nothing."""
+    reqs = [{"timestamp": 0, "input_length": 10 * 512, "output_length": 4, "hash_ids": list(range(10))},
+            {"timestamp": 10, "input_length": 40 * 512, "output_length": 4, "hash_ids": list(range(100, 140))},
+            {"timestamp": 20, "input_length": 41 * 512, "output_length": 4, "hash_ids": list(range(100, 141))}]
+    total = sum(r["input_length"] for r in reqs)
+    s = RouterSettings(workers=[], policy="round_robin")
+    assert GpuProfile().max_batch_tokens == 8192
+    assert simulate(reqs, 1, s, 1.0).hit_ratio == pytest.approx(31 * 512 / total)
+    assert simulate(reqs, 1, s, 1.0, step_tokens=1 << 20).hit_ratio == 0
+
+
 @needs_trace
 def test_cache_aware_reaches_the_pooled_cache_and_round_robin_does_not():
     reqs = load_trace(TRACE, 1500)

@@ -34,8 +34,21 @@ def test_first_come_first_served_and_a_lone_request_always_runs():
     assert s.plan().admitted == [small] and s.kv_tokens == small.kv_reserve == 110
 
 
-def test_without_a_kv_bound_only_the_batch_size_limits_admission():
+def test_without_a_kv_bound_the_batch_size_and_the_step_budget_limit_admission():
     s = Scheduler(max_num_seqs=2, max_batch_tokens=512)
     for _ in range(3):
-        s.add(seq(10_000))
+        s.add(seq(100))
     assert len(s.plan().admitted) == 2 and len(s.waiting) == 1
+
+
+def test_a_waiting_request_is_admitted_only_when_the_step_budget_reaches_it():
+    s = Scheduler(max_num_seqs=8, max_batch_tokens=512)
+    long, short = seq(1200), seq(10)
+    s.add(long)
+    s.add(short)
+    plan = s.plan()
+    # the long prompt takes the whole budget: the short one waits (and looks the cache up later, as vLLM's does)
+    assert plan.admitted == [long] and plan.prefill == [(long, 512)] and short.status is Status.WAITING
+    long.num_computed = 1024
+    plan = s.plan()  # the last chunk leaves budget: the short one is admitted in the same step
+    assert plan.admitted == [short] and plan.prefill == [(long, 176), (short, 10)]

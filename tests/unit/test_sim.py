@@ -57,6 +57,33 @@ def test_hits_skip_simulated_prefill_and_cache_is_charged_profile_bytes(loaded):
         engine.stop()
 
 
+def test_a_request_queued_behind_a_long_prompt_hits_the_chunks_computed_before_it_starts(loaded):
+    """Both are queued before the first step: the long prompt takes every step's budget, so the second one is
+    admitted (and looks the cache up) with the long prompt's last chunk and finds its 40 computed blocks. A
+    scheduler that admitted it at once, or a cache that took blocks only when a whole prompt was done, gives 0."""
+    runner = SimRunner(loaded, GpuProfile(), speedup=1e6)
+    engine = Engine(runner, EngineConfig(block_size=16, cache_bytes=1 << 30, max_batch_tokens=64))
+    long = list(range(1000, 1000 + 16 * 40 + 5))
+    results, done = {}, threading.Event()
+
+    def submit(name, ids):
+        def on_event(ev):
+            if ev.finished:
+                results[name] = ev
+                if len(results) == 2:
+                    done.set()
+        engine.submit(Sequence(ids, SamplingParams(max_tokens=2, temperature=0.0), None, on_event))
+
+    submit("long", long)
+    submit("behind", long[:-5] + [7, 8, 9])
+    engine.start()
+    try:
+        assert done.wait(30)
+        assert results["long"].cached_tokens == 0 and results["behind"].cached_tokens == 16 * 40
+    finally:
+        engine.stop()
+
+
 def test_token_scale_charges_more_bytes_and_time(loaded):
     """Each token stands for `token_scale` tokens: in cache bytes, and in the simulated GPU time of prefill
     (new tokens and the context they attend to) and decode (the context read per step). The time checked is

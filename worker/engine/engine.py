@@ -146,8 +146,10 @@ class Engine:
             start = seq.num_computed
             ids = seq.prompt_ids if seq.num_prefill == seq.num_prompt else seq.all_ids()
             logits = self.runner.forward(seq, ids[start:start + n])
+            # Each chunk's full blocks become visible to other requests right away (as SGLang caches an
+            # unfinished request's chunks), so a request admitted behind a long prompt finds what is done of it.
+            self._cache_blocks(seq)
             if not seq.prefilling:
-                self._cache_blocks(seq)  # prompt blocks become visible to other requests right away
                 self._sample(seq, logits)
         decoding = self._grow([s for s in plan.decode if s.status is Status.RUNNING])
         if decoding:

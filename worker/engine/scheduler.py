@@ -1,6 +1,7 @@
-"""Iteration-level scheduler: each step admits waiting sequences (first come, first served, while the batch and
-the KV pool have room), gives one prefill chunk the token budget left after every decoding sequence's one token,
-and never lets a request wait for another to finish. A preempted sequence goes back to the head of the queue."""
+"""Iteration-level scheduler: each step gives every decoding sequence one token and the token budget left to
+prefill chunks, first come, first served: the running sequences' chunks first, then waiting sequences admitted
+while budget, the batch and the KV pool have room. No request waits for another to finish. A preempted sequence
+goes back to the head of the queue."""
 
 from __future__ import annotations
 
@@ -47,10 +48,24 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def plan(self, admit: Callable[[Sequence, bool], bool] | None = None) -> StepPlan:
-        """`admit(seq, alone)`, when given, takes the sequence's KV pages and says whether they were there;
-        `alone` says nothing else is running (such a request must be admitted)."""
+        """`admit(seq, alone)`, when given, takes the sequence's KV pages (and its cache hit, which it counts as
+        computed) and says whether they were there; `alone` says nothing else is running (such a request must be
+        admitted). As vLLM's scheduler does, the running sequences are planned first: one token for each decoding
+        one, then the oldest prefilling ones take the token budget in chunks; waiting sequences are admitted
+        only while budget is left, so one looks the cache up when its prefill can start, after the blocks that
+        earlier chunks cached, rather than when it arrived behind a long prompt."""
+        decode = [s for s in self.running if not s.prefilling]
+        budget = max(self.max_batch_tokens - len(decode), 1)
+        prefill = []
+        for seq in self.running:  # first come, first served
+            if budget <= 0:
+                break
+            if seq.prefilling:
+                n = min(seq.num_prefill - seq.num_computed, budget)
+                prefill.append((seq, n))
+                budget -= n
         admitted = []
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             head = self.waiting[0]
             need = head.kv_reserve
             if self.running and self.max_kv_tokens is not None and self.kv_tokens + need > self.max_kv_tokens:
@@ -63,15 +78,7 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
             admitted.append(seq)
-        decode = [s for s in self.running if not s.prefilling]
-        budget = max(self.max_batch_tokens - len(decode), 1)
-        prefill = []
-        # First come, first served: the oldest prefilling sequences take the chunk budget.
-        for seq in self.running:
-            if budget <= 0:
-                break
-            if seq.prefilling:
-                n = min(seq.num_prefill - seq.num_computed, budget)
-                prefill.append((seq, n))
-                budget -= n
+            n = min(seq.num_prefill - seq.num_computed, budget)
+            prefill.append((seq, n))
+            budget -= n
         return StepPlan(admitted, prefill, decode)
