@@ -33,6 +33,8 @@ from router.prefix import RouteKeys
 from router.settings import RouterSettings
 from router.workers import WorkerPool
 from worker.engine.cache import BlockCache
+from worker.engine.scheduler import Scheduler
+from worker.engine.sequence import Status
 from worker.sim import GpuProfile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,24 +124,31 @@ def route_keys(req: dict[str, Any], prefix_tokens: int = 256, seed: int = 0,
                      [min(n, block_tokens * (i + 1)) for i in range(len(ids))], n)
 
 
-@dataclass
-class Running:
-    """A request the worker's scheduler admitted: its prompt still to compute, then its tokens still to decode."""
+@dataclass(eq=False)
+class SimSeq:
+    """A request on a simulated worker, as the engine's scheduler (worker.engine.scheduler) sees a Sequence: its
+    prompt to compute (the cache hit counts as computed at admission), then its decode steps."""
 
     i: int
-    computed: int  # prompt tokens computed (the cache hit counts as computed at admission)
-    prompt: int
+    num_prompt: int
+    kv_reserve: int  # prompt + output, as the engine reserves at admission
     decode_left: int  # decode steps after its first token
     context: int  # tokens in its KV while decoding
+    num_computed: int = 0
+    num_prefill: int = 0
+    output_ids: tuple = ()  # never preempted: nothing to recompute
+    status: Status = Status.WAITING
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed < self.num_prefill
 
 
 @dataclass
 class SimWorker:
     name: str
     cache: BlockCache
-    queue: deque = field(default_factory=deque)  # placed, not yet admitted by the scheduler (FIFO)
-    running: list[Running] = field(default_factory=list)  # admitted, in admission order
-    kv_tokens: int = 0  # reserved by admitted requests (prompt + output), as the engine's scheduler counts
+    scheduler: Scheduler  # the engine's own: waiting, running, KV reserved
     requests: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -175,11 +184,12 @@ def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed
     pool = WorkerPool(vnodes=settings.vnodes)
     cap = per_worker_blocks(profile, block_tokens)
     kv_cap = profile.kv_capacity_bytes // profile.kv_bytes_per_token
+    step_tokens = step_tokens if step_tokens is not None else profile.max_batch_tokens
     workers = {}
     for i in range(n):
         w = pool.add(f"http://w{i}:8000")
         pool.mark_ok(w.url)
-        workers[w.url] = SimWorker(w.url, BlockCache(1, cap))
+        workers[w.url] = SimWorker(w.url, BlockCache(1, cap), Scheduler(profile.max_num_seqs, step_tokens, kv_cap))
         if hasattr(policy, "index"):  # what a live worker reports on /health
             policy.index.set_budget(w.url, cap * block_tokens)
     events: list[tuple[float, int, str, Any]] = []
@@ -209,63 +219,40 @@ def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed
     pins: dict[int, list] = {}
     work: dict[int, tuple[int, int]] = {}  # request -> (prefill, context) the router charged its worker
     steps: dict[str, tuple[float, list, list]] = {}  # worker -> its step in progress: start, chunks, decoding
-    if step_tokens is None:
-        step_tokens = profile.max_batch_tokens
-
-    def reserve(r: dict[str, Any]) -> int:
-        return r["input_length"] + min(r["output_length"], max_output)
 
     def plan(w: SimWorker, now: float) -> None:
-        """The worker's next engine step from `now`, as the engine's scheduler plans it (worker.engine.scheduler):
-        one token for each decoding request, the token budget left to the running prefilling ones, oldest first,
-        in chunks, then to queued requests admitted first come first served while budget, the batch and the KV
-        pool have room (the cache is looked up then). A stretch of decode-only steps runs as one event until the
-        first request ends or a new one arrives."""
-        decode = [x for x in w.running if x.computed >= x.prompt]
-        budget = max(step_tokens - len(decode), 1)
-        chunks: list[tuple[Running, int]] = []
-        for x in w.running:  # the running requests' prefill first, oldest first
-            if budget <= 0:
-                break
-            if x.computed < x.prompt:
-                chunks.append((x, min(x.prompt - x.computed, budget)))
-                budget -= chunks[-1][1]
-        while w.queue and budget > 0 and len(w.running) < profile.max_num_seqs:
-            r = reqs[w.queue[0]]
-            if w.running and w.kv_tokens + reserve(r) > kv_cap:
-                break  # the oldest waits for KV room; a lone request is always admitted
-            i = w.queue.popleft()
-            w.kv_tokens += reserve(r)
+        """The worker's next engine step from `now`, planned by the engine's scheduler; the cache is looked up as
+        it admits a request. A stretch of decode-only steps runs as one event until the first request ends or a
+        new one arrives."""
+        def admit(x: SimSeq, alone: bool) -> bool:
+            r = reqs[x.i]
             ids = r["hash_ids"]
             chain = w.cache.acquire_prefix(ids, None, len(ids))
-            cached = cached_tokens(r, len(chain), block_tokens)
-            w.prompt_tokens += r["input_length"]
-            w.cached_tokens += cached
-            pins[i] = chain
-            x = Running(i, cached, r["input_length"], max(0, min(r["output_length"], max_output) - 1),
-                        r["input_length"])
-            w.running.append(x)
-            chunks.append((x, min(x.prompt - x.computed, budget)))
-            budget -= chunks[-1][1]
-        if not w.running:
+            x.num_computed = cached_tokens(r, len(chain), block_tokens)
+            w.prompt_tokens += x.num_prompt
+            w.cached_tokens += x.num_computed
+            pins[x.i] = chain
+            return True
+
+        sp = w.scheduler.plan(admit)
+        if not w.scheduler.running:
             w.next_t = None
             return
         overhead = profile.step_overhead_s
         w.version += 1
-        if len(decode) == len(w.running):
-            st = overhead + profile.decode_s([x.context for x in decode])
-            m = min(x.decode_left for x in decode)
+        if not sp.prefill:
+            st = overhead + profile.decode_s([x.context for x in sp.decode])
+            m = min(x.decode_left for x in sp.decode)
             w.decoding_run, w.next_t = (now, st, m), now + m * st
         else:
-            dt, timed = 0.0, []
-            for x, n in chunks:
-                dt += overhead + profile.prefill_s(n, x.computed)
-                timed.append((x, n, now + dt))
-            chunks = timed
-            if decode:
-                dt += overhead + profile.decode_s([x.context for x in decode])
+            dt, chunks = 0.0, []
+            for x, n in sp.prefill:
+                dt += overhead + profile.prefill_s(n, x.num_computed)
+                chunks.append((x, n, now + dt))
+            if sp.decode:
+                dt += overhead + profile.decode_s([x.context for x in sp.decode])
             w.decoding_run, w.next_t = None, now + dt
-            steps[w.name] = (now, chunks, decode)
+            steps[w.name] = (now, chunks, sp.decode)
         push(w.next_t, "step", (w.name, w.version))
 
     def step(w: SimWorker, now: float) -> None:
@@ -274,7 +261,7 @@ def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed
         if w.decoding_run is not None:
             t0, st, m = w.decoding_run
             w.busy_s += m * st
-            for x in w.running:
+            for x in w.scheduler.running:
                 x.decode_left -= m
                 x.context += m
                 if x.decode_left == 0:
@@ -283,10 +270,10 @@ def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed
             start, chunks, decode = steps.pop(w.name)
             w.busy_s += now - start
             for x, n, t in chunks:
-                x.computed += n
+                x.num_computed += n
                 ids = reqs[x.i]["hash_ids"]
-                if x.computed < x.prompt:  # a chunk's full blocks are cached as it ends
-                    pins[x.i] = insert_chain(w.cache, ids[:x.computed // block_tokens], pins[x.i])
+                if x.prefilling:  # a chunk's full blocks are cached as it ends
+                    pins[x.i] = insert_chain(w.cache, ids[:x.num_computed // block_tokens], pins[x.i])
                 else:  # its first token: blocks cached, the router sees prefill done
                     pins[x.i] = insert_chain(w.cache, ids, pins[x.i])
                     ttft.append(t - arrive_t[x.i])
@@ -299,8 +286,7 @@ def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed
                 if x.decode_left == 0:
                     ended.append(x)
         for x in ended:
-            w.running.remove(x)
-            w.kv_tokens -= reserve(reqs[x.i])
+            w.scheduler.remove(x)
             w.cache.release(pins.pop(x.i))
             pool.release(w.name, 0, work.pop(x.i)[1])
         w.decoding_run = None
@@ -328,7 +314,9 @@ def simulate(reqs: list[dict[str, Any]], n: int, settings: RouterSettings, speed
         w = workers[d.worker]
         w.requests += 1
         admitted.append(i)
-        w.queue.append(i)
+        r = reqs[i]
+        out = min(r["output_length"], max_output)
+        w.scheduler.add(SimSeq(i, r["input_length"], r["input_length"] + out, max(0, out - 1), r["input_length"]))
         arrived(w, now)
 
     def admit(i: int, now: float, deadline: float) -> None:

@@ -234,12 +234,12 @@ class Engine:
         if not self.config.prefix_caching:
             return
         B = self.config.block_size
-        ids = seq.all_ids()[: seq.num_computed]
-        if not self.config.cache_generated:
-            ids = ids[: seq.num_prompt]
-        first, last = len(seq.blocks), len(ids) // B
+        n = seq.num_computed if self.config.cache_generated else min(seq.num_computed, seq.num_prompt)
+        first, last = len(seq.blocks), n // B
         if last <= first:
             return
+        # Called after every prefill chunk: no copy of a long prompt unless the blocks reach generated tokens.
+        ids = seq.prompt_ids if last * B <= seq.num_prompt else seq.all_ids()
         parent = seq.blocks[-1] if seq.blocks else None
         payloads = self.runner.block_payloads(seq, first, last)
         for i in range(first, last):
