@@ -62,8 +62,11 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     that does not arrive within body_timeout_s)."""
     limits = request.config_dict.get(LIMITS, _DEFAULT_LIMITS)
     try:
-        async with asyncio.timeout(limits.body_timeout_s):
+        if request.content.is_eof():  # the whole body came with the head (most do): nothing to wait for
             raw = await request.read()
+        else:
+            async with asyncio.timeout(limits.body_timeout_s):
+                raw = await request.read()
     except TimeoutError:
         raise APIError(408, f"The request body did not arrive within {limits.body_timeout_s:g} s.",
                        code="body_timeout") from None
@@ -78,7 +81,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         if "depth limit" in str(exc) or "recursion" in str(exc):
             raise too_deep(limits.max_json_depth) from None
         raise APIError(400, f"Request body is not valid JSON: {exc}.", code="invalid_json") from None
-    check_json_depth(raw, limits.max_json_depth)
+    check_json_depth(raw, limits.max_json_depth, obj)
     if not isinstance(obj, dict):
         raise APIError(400, "Request body must be a JSON object.", code="invalid_json")
     return obj

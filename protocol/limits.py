@@ -112,7 +112,43 @@ def json_depth(raw: bytes, chunk: int = 1 << 20) -> int:
     return deepest
 
 
-def check_json_depth(raw: bytes, max_depth: int) -> None:
+_NOT_PARSED = object()
+_WALK_BYTES = 4096
+_WALK_CONTAINERS = 512  # a parsed body with more arrays and objects than this is measured by json_depth instead
+
+
+def value_depth(value: Any, max_depth: int, budget: int = _WALK_CONTAINERS) -> int | None:
+    """Deepest nesting of lists and dicts in a parsed JSON value, or a depth past `max_depth` as soon as one is
+    seen; None when the value holds more than `budget` lists and dicts (a walk of a wide hostile body would cost
+    more than json_depth's scan of its bytes)."""
+    if not isinstance(value, (dict, list)):
+        return 0
+    stack, deepest = [(value, 1)], 0
+    while stack:
+        budget -= 1
+        if budget < 0:
+            return None
+        v, d = stack.pop()
+        if d > deepest:
+            deepest = d
+            if d > max_depth:
+                return d
+        for child in (v.values() if isinstance(v, dict) else v):
+            if isinstance(child, (dict, list)):
+                stack.append((child, d + 1))
+    return deepest
+
+
+def check_json_depth(raw: bytes, max_depth: int, value: Any = _NOT_PARSED) -> None:
+    """400 json_too_deep for a body nested deeper than `max_depth`. With the body's parsed `value`, a walk of its
+    few lists and dicts decides (a chat request holds a handful), in place of two passes over every byte: a body of
+    more than a few KB, where those passes cost more than the walk."""
+    if value is not _NOT_PARSED and len(raw) > _WALK_BYTES:
+        depth = value_depth(value, max_depth)
+        if depth is not None:
+            if depth > max_depth:
+                raise too_deep(max_depth)
+            return
     # Fewer brackets than the limit cannot nest deeper than it: the usual body never needs the scan.
     if raw.count(b"[") + raw.count(b"{") > max_depth and json_depth(raw) > max_depth:
         raise too_deep(max_depth)

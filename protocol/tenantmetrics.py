@@ -9,13 +9,15 @@ from prometheus_client import CollectorRegistry, Counter
 
 
 class TenantCounters:
-    def __init__(self, registry: CollectorRegistry):
+    def __init__(self, registry: CollectorRegistry, counter: type = Counter):
+        """`counter`: prometheus_client's Counter, or protocol.loopmetrics.LoopCounter where one event loop
+        does every update."""
         labels = ["tenant", "prefix_version"]
-        self.prompt_tokens = Counter("prefixroute_worker_tenant_prompt_tokens",
+        self.prompt_tokens = counter("prefixroute_worker_tenant_prompt_tokens",
                                      "Prompt tokens by tenant and prefix version", labels, registry=registry)
-        self.cached_tokens = Counter("prefixroute_worker_tenant_cached_tokens",
+        self.cached_tokens = counter("prefixroute_worker_tenant_cached_tokens",
                                      "Cached prompt tokens by tenant and prefix version", labels, registry=registry)
-        self.expected = Counter("prefixroute_worker_expected_hits",
+        self.expected = counter("prefixroute_worker_expected_hits",
                                 "Requests the router expected to hit here, by tenant and outcome (hit or miss)",
                                 ["tenant", "outcome"], registry=registry)
 

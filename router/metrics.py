@@ -1,14 +1,17 @@
-"""Prometheus metrics of the router. Labels carry route decisions, statuses, worker URLs and configured tenant ids
+"""Prometheus metrics of the router, those a request updates lock-free on the event loop (protocol.loopmetrics).
+Labels carry route decisions, statuses, worker URLs and configured tenant ids
 only: never prompt text, routing keys, tenants' secrets or API keys. A removed worker's series are dropped."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from protocol.loopmetrics import LoopCounter, LoopHistogram
 from protocol.tenantmetrics import TenantCounters
 from router.admission import REASONS as ADMISSION_REASONS
 from router.workers import WorkerPool
@@ -71,41 +74,41 @@ class RouterMetrics:
 
     def __init__(self, pool: WorkerPool, prefix_tokens: int = 256):
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("prefixroute_router_requests", "Requests by route decision, worker and status",
-                                ["route", "worker", "status"], registry=r)
-        self.rejected = Counter("prefixroute_router_rejected", "Requests answered by the router itself",
-                                ["status"], registry=r)
-        self.spills = Counter("prefixroute_router_spills", "Requests of keys spread over more than one worker",
-                              registry=r)
-        self.fanout = Histogram("prefixroute_router_spill_fanout", "Workers a request's key was spread over",
-                                buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), registry=r)
-        self.upstream_latency = Histogram("prefixroute_router_upstream_latency_seconds",
-                                          "Time from forwarding to the worker's response headers", ["worker"],
-                                          buckets=_LATENCY_BUCKETS, registry=r)
-        self.upstream_errors = Counter("prefixroute_router_upstream_errors", "Failed upstream attempts",
-                                       ["worker", "kind"], registry=r)
-        self.tokenize = Histogram("prefixroute_router_tokenize_seconds", "Prefix render + tokenize + hash time",
-                                  buckets=_FAST_BUCKETS, registry=r)
-        self.prefix_tokens = Histogram("prefixroute_router_prefix_tokens", "Tokens hashed into the routing key",
-                                       buckets=(16, 32, 64, 128, 256, 512, 1024), registry=r)
-        self.shared_tokens = Histogram(
+        self.requests = LoopCounter("prefixroute_router_requests", "Requests by route decision, worker and status",
+                                    ["route", "worker", "status"], registry=r)
+        self.rejected = LoopCounter("prefixroute_router_rejected", "Requests answered by the router itself",
+                                    ["status"], registry=r)
+        self.spills = LoopCounter("prefixroute_router_spills", "Requests of keys spread over more than one worker",
+                                  registry=r)
+        self.fanout = LoopHistogram("prefixroute_router_spill_fanout", "Workers a request's key was spread over",
+                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), registry=r)
+        self.upstream_latency = LoopHistogram("prefixroute_router_upstream_latency_seconds",
+                                              "Time from forwarding to the worker's response headers", ["worker"],
+                                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.upstream_errors = LoopCounter("prefixroute_router_upstream_errors", "Failed upstream attempts",
+                                           ["worker", "kind"], registry=r)
+        self.tokenize = LoopHistogram("prefixroute_router_tokenize_seconds", "Prefix render + tokenize + hash time",
+                                      buckets=_FAST_BUCKETS, registry=r)
+        self.prefix_tokens = LoopHistogram("prefixroute_router_prefix_tokens", "Tokens hashed into the routing key",
+                                           buckets=(16, 32, 64, 128, 256, 512, 1024), registry=r)
+        self.shared_tokens = LoopHistogram(
             "prefixroute_router_prefix_shared_tokens",
             "Leading tokens of a request's stable prefix that a recent request of the same tenant shared (early "
             "divergence when low)", ["tenant"],
             buckets=(*(b for b in _SHARED_BUCKETS if b < prefix_tokens), prefix_tokens), registry=r)
-        self._shared_by_tenant: dict[str, Histogram] = {}
-        self.admission_rejected = Counter("prefixroute_router_admission_rejected",
-                                          "Requests refused with 429 by admission control, by reason", ["reason"],
-                                          registry=r)
+        self._shared_by_tenant: dict[str, Any] = {}
+        self.admission_rejected = LoopCounter("prefixroute_router_admission_rejected",
+                                              "Requests refused with 429 by admission control, by reason", ["reason"],
+                                              registry=r)
         for reason in ADMISSION_REASONS:
             self.admission_rejected.labels(reason)  # every series exists from the start, at 0
         self.admission_waiting = Gauge("prefixroute_router_admission_waiting",
                                        "Requests waiting in the router for a worker with room", registry=r)
-        self.admission_held = Counter("prefixroute_router_admission_held",
-                                      "Waits for a full worker that holds a request's prefix (admission control)",
-                                      registry=r)
+        self.admission_held = LoopCounter("prefixroute_router_admission_held",
+                                          "Waits for a full worker that holds a request's prefix (admission control)",
+                                          registry=r)
         # Requests other engines served (router.proxy reads their usage), under the workers' own names
-        self.engine_usage = TenantCounters(r)
+        self.engine_usage = TenantCounters(r, LoopCounter)
         r.register(_PoolCollector(pool))
         pool.on_remove.append(self.forget_worker)
 

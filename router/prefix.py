@@ -72,8 +72,10 @@ class PrefixKeyer:
         self.P = prefix_tokens
         self.block_bytes = block_bytes
         self._cache: OrderedDict[bytes, list[int]] = OrderedDict()  # window text hash -> its token ids
-        # leading messages -> (key ids, or None when they hold no more than P tokens; bytes per token)
-        self._chats: OrderedDict[bytes, tuple[list[int] | None, float]] = OrderedDict()
+        # leading messages -> (key ids, or None when they hold no more than P tokens; bytes per token; the ids as
+        # uint32 bytes)
+        self._chats: OrderedDict[bytes, tuple[list[int] | None, float, bytes]] = OrderedDict()
+        self._route: OrderedDict[tuple[bytes, bytes, bytes], bytes] = OrderedDict()  # (tenant, pck, ids) -> key
         self._seeds: dict[tuple[bytes, bytes], int] = {}  # (tenant, prompt_cache_key) -> block chain seed
         self._cache_size = cache_size
 
@@ -128,7 +130,7 @@ class PrefixKeyer:
         pck = (req.prompt_cache_key or "").encode()
         if isinstance(req, ChatCompletionRequest):
             messages = chat_messages(req)
-            ids, bpt = self._chat(messages, tenant.key)
+            ids, bpt, packed = self._chat(messages, tenant.key)
             data = "".join(f"{m['role']}\n{m['content']}\x1e" for m in messages).encode()
         else:
             prompt = req.single_prompt()
@@ -138,8 +140,8 @@ class PrefixKeyer:
             else:
                 ids, bpt = prompt[: self.P], 4.0
                 data = array("I", prompt).tobytes()
-        packed = array("I", ids).tobytes()
-        key = _h(tenant, b"route", pck, packed)
+            packed = array("I", ids).tobytes()
+        key = self._route_key(tenant, pck, packed)
         seed = self._seeds.get((tenant.key, pck))
         if seed is None:
             if len(self._seeds) >= self._cache_size:
@@ -153,7 +155,18 @@ class PrefixKeyer:
         return RouteKeys(key, session, len(ids), time.perf_counter() - t0, blocks,
                          [round(e * per) for e in ends], max(len(ids), round(len(data) * per)), packed)
 
-    def _chat(self, messages: list[dict[str, str]], scope: bytes) -> tuple[list[int], float]:
+    def _route_key(self, tenant: Tenant, pck: bytes, packed: bytes) -> bytes:
+        # Memoized: a chat's `packed` is its memo's own bytes object, whose hash Python keeps, so a repeated
+        # prefix costs one dict lookup instead of a keyed blake2b over P token ids.
+        k = (tenant.key, pck, packed)
+        key = self._route.get(k)
+        if key is None:
+            key = self._route[k] = _h(tenant, b"route", pck, packed)
+            if len(self._route) > self._cache_size:
+                self._route.popitem(last=False)
+        return key
+
+    def _chat(self, messages: list[dict[str, str]], scope: bytes) -> tuple[list[int], float, bytes]:
         """The first P token ids of the rendered chat and their bytes per token, rendering no more messages than
         those need; memoized by the tenant (`scope`) and the leading messages that gave them."""
         n = len(messages)
@@ -198,8 +211,8 @@ class PrefixKeyer:
         assert ids is not None
         return self._memo(whole, ids, bpt)
 
-    def _memo(self, digest: bytes, ids: list[int] | None, bpt: float) -> tuple[Any, float]:
-        out = self._chats[digest] = (ids, bpt)
+    def _memo(self, digest: bytes, ids: list[int] | None, bpt: float) -> tuple[Any, float, bytes]:
+        out = self._chats[digest] = (ids, bpt, array("I", ids).tobytes() if ids is not None else b"")
         if len(self._chats) > self._cache_size:
             self._chats.popitem(last=False)
         return out

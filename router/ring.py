@@ -8,6 +8,7 @@ bisect (O(log vnodes)) once the ring is warm, whatever the number of workers.
 from __future__ import annotations
 
 from bisect import bisect
+from hashlib import md5
 
 from uhashring import HashRing
 
@@ -19,7 +20,6 @@ class Ring:
         self._points: list[int] = []
         self._owners: list[str] = []
         self._orders: dict[int, list[str]] = {}
-        self._hash = HashRing(nodes={}).hashi
 
     def __len__(self) -> int:
         return len(self._weights)
@@ -37,7 +37,7 @@ class Ring:
         self._orders = {}
 
     def position(self, key: bytes) -> int:
-        p = bisect(self._points, self._hash(key.hex()))
+        p = bisect(self._points, key_point(key))
         return 0 if p == len(self._points) else p
 
     def order(self, key: bytes) -> list[str]:
@@ -56,6 +56,12 @@ class Ring:
                         break
             self._orders[pos] = order
         return order
+
+
+def key_point(key: bytes) -> int:
+    """A key's point on the ring: uhashring's own hash of the key's hex form (int of its md5 hexdigest), without
+    the hexdigest's parsing."""
+    return int.from_bytes(md5(key.hex().encode()).digest(), "big")
 
 
 def jump_hash(key: int, buckets: int) -> int:

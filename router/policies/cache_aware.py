@@ -94,11 +94,13 @@ class CacheAware:
         least, least_load = "", math.inf
         dw = self.decode_weight
         total_load, room = 0.0, False  # room: some worker has no prefill queued
+        works: dict[str, float] = {}
         for name in pool.active:
             w = pool.worker(name)
-            work = w.work(dw)
+            work = works[name] = w.work(dw)  # type: ignore[union-attr]
             total_load += work
-            room = room or w.queued_prefill == 0
+            if not room and w.queued_prefill == 0:  # type: ignore[union-attr]
+                room = True
             if work < least_load:
                 least, least_load = name, work
         head = [order[i] for i in range(k)]  # the first k only: O(k), not a copy of the whole order
@@ -107,9 +109,8 @@ class CacheAware:
         # so its new requests spread over them by load.
         fan = set(head) if k > 1 else ()
         total = keys.prompt_tokens
-
-        def expected_hit(blocks: int) -> int:  # never the prompt's last token, as engines count
-            return min(keys.tokens_through(blocks), max(0, total - 1))
+        most = max(0, total - 1)  # an expected hit never covers the prompt's last token, as engines count
+        block_tokens = keys.block_tokens
 
         balance = math.ceil(self.c * (pool.active_inflight + 1) / n) + self.s
         mean_load = total_load / n if n else 0.0
@@ -121,10 +122,13 @@ class CacheAware:
             w = pool.worker(name)
             if w is None or not w.usable:
                 continue
-            load = w.work(dw)
+            load = works.get(name)
+            if load is None:
+                load = w.work(dw)
             if w.inflight + 1 > balance and room and load >= mean_load:
                 continue
-            hit = expected_hit(seen if name in fan else depth.get(name, 0))
+            blocks = seen if name in fan else depth.get(name, 0)
+            hit = min(block_tokens[blocks - 1], most) if blocks else 0
             cost = load + pw * (total - hit)
             if cost > best[0] or (cost == best[0] and w.inflight > best[1]):
                 continue
@@ -144,7 +148,8 @@ class CacheAware:
         if not pick:  # every candidate is over the bound: the next ring worker under it
             pick = next((name for name in order if pool.inflight(name) + 1 <= balance
                          and pool.admits(pool.worker(name), total)), least)
-            pick_hit = expected_hit(depth.get(pick, 0))
+            blocks = depth.get(pick, 0)
+            pick_hit = min(block_tokens[blocks - 1], most) if blocks else 0
         if pick == last:
             reason = "session"
         elif pick == order[0]:

@@ -17,7 +17,15 @@ from hypothesis import strategies as st
 
 from protocol.errors import APIError
 from protocol.http import openai_app, parse_model, read_json
-from protocol.limits import JSONErrorRunner, Limits, check_json_depth, check_max_tokens, header_limits, json_depth
+from protocol.limits import (
+    JSONErrorRunner,
+    Limits,
+    check_json_depth,
+    check_max_tokens,
+    header_limits,
+    json_depth,
+    value_depth,
+)
 from protocol.openai import ChatCompletionRequest, CompletionRequest
 from protocol.openapi import openapi_document
 
@@ -44,6 +52,37 @@ def test_json_depth_matches_a_walk_of_the_parsed_value(value, ascii_only, chunk)
     raw = json.dumps(value, ensure_ascii=ascii_only).encode()
     assert json_depth(raw) == reference_depth(value)
     assert json_depth(raw, chunk=chunk) == reference_depth(value)  # state carried across chunk boundaries
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values, st.integers(1, 6), st.integers(1, 40))
+def test_value_depth_matches_the_reference(value, max_depth, budget):
+    want = reference_depth(value)
+    got = value_depth(value, max_depth, budget)
+    if got is not None:  # None: more containers than the budget (the caller scans the bytes instead)
+        assert got == want if want <= max_depth else got > max_depth
+    assert value_depth(value, 10_000) == want  # within the default budget: always measured
+    raw = json.dumps(value).encode() + b" " * 5000  # past the size at which the walk replaces the scan
+    for limit in (max_depth, want, max(1, want - 1)):
+        with_value = without = None
+        try:
+            check_json_depth(raw, limit, value)
+        except APIError as e:
+            with_value = e.code
+        try:
+            check_json_depth(raw, limit)
+        except APIError as e:
+            without = e.code
+        assert with_value == without == ("json_too_deep" if want > limit else None)
+
+
+def test_value_depth_falls_back_to_the_scan_for_wide_bodies():
+    wide = [[1]] * 2000  # 8 KB
+    assert value_depth(wide, 64) is None
+    check_json_depth(json.dumps(wide).encode(), 64, wide)
+    with pytest.raises(APIError):
+        deep = [[1]] * 2000 + [json.loads("[" * 70 + "]" * 70)]
+        check_json_depth(json.dumps(deep).encode(), 64, deep)
 
 
 def test_json_depth_ignores_brackets_in_strings_and_escapes():
