@@ -33,10 +33,11 @@ from typing import Any
 import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from router_overhead import free_port, prompt_of, router_command, wait_ok  # noqa: E402
+from router_overhead import fast_upstreams, free_port, prompt_of, router_command, wait_ok  # noqa: E402
 
-ROUTER_OVERHEAD = str(ROOT / "bench" / "router_overhead.py")
+from harness.results import publish  # noqa: E402
 
 
 def _python() -> str:
@@ -107,10 +108,6 @@ async def measure(kind: str, cwd: Path, upstreams: list[str], payloads: dict[int
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    ports = [free_port() for _ in range(args.upstreams)]
-    ups = [subprocess.Popen([_python(), ROUTER_OVERHEAD, "--serve-upstream", str(p)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL) for p in ports]
-    upstreams = [f"http://127.0.0.1:{p}" for p in ports]
     payloads = {n: json.dumps({"model": "fast", "messages": prompt_of(n), "max_tokens": 16}).encode()
                 for n in args.sizes}
     routers: list[tuple[str, str, Path]] = [("prefixroute", "prefixroute", ROOT)]
@@ -120,17 +117,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.sglang:
         routers.append(("sglang", "sglang", ROOT))
     results: dict[str, Any] = {}
-    try:
-        async with aiohttp.ClientSession() as s:
-            for u in upstreams:
-                await wait_ok(s, u + "/health")
+    async with fast_upstreams(args.upstreams) as upstreams:
         for name, kind, cwd in routers:
             results[name] = await measure(kind, cwd, upstreams, payloads, args)
-    finally:
-        for p in ups:
-            p.terminate()
-        for p in ups:
-            p.wait(timeout=20)
     return results
 
 
@@ -164,14 +153,8 @@ def main() -> int:
     results = asyncio.run(run(args))
     report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
               "config": vars(args), "results": {k: {str(n): v for n, v in r.items()} for k, r in results.items()}}
-    md = markdown(results, args.sizes)
-    print(json.dumps(report, indent=2))
-    print(md)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        Path(args.out, "router_instructions.json").write_text(json.dumps(report, indent=2))
-        Path(args.out, "router_instructions.md").write_text(
-            f"Command: `python bench/router_instructions.py {' '.join(sys.argv[1:])}`\n\n{md}")
+    publish(report, markdown(results, args.sizes), Path(args.out) if args.out else None, "router_instructions",
+            f"Command: `python bench/router_instructions.py {' '.join(sys.argv[1:])}`")
     return 0
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -310,24 +312,32 @@ async def measure(s: aiohttp.ClientSession, args: argparse.Namespace, kind: str,
         proc.wait(timeout=20)
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
-    ports = [free_port() for _ in range(args.upstreams)]
+@contextlib.asynccontextmanager
+async def fast_upstreams(n: int) -> AsyncIterator[list[str]]:
+    """`n` fast upstream servers on 127.0.0.1, answering: their URLs."""
+    ports = [free_port() for _ in range(n)]
     procs = [spawn([__file__, "--serve-upstream", str(p)]) for p in ports]
     upstreams = [f"http://127.0.0.1:{p}" for p in ports]
-    results: dict[str, Any] = {}
     try:
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as s:
+        async with aiohttp.ClientSession() as s:
             for u in upstreams:
                 await wait_ok(s, u + "/health")
-            for kind in args.routers:
-                for processes in (args.processes if kind == "prefixroute" else [1]):
-                    name = kind if processes == 1 else f"{kind} x{processes}"
-                    results[name] = await measure(s, args, kind, processes, upstreams)
+        yield upstreams
     finally:
         for p in procs:
             p.terminate()
         for p in procs:
             p.wait(timeout=20)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    async with fast_upstreams(args.upstreams) as upstreams, \
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as s:
+        for kind in args.routers:
+            for processes in (args.processes if kind == "prefixroute" else [1]):
+                name = kind if processes == 1 else f"{kind} x{processes}"
+                results[name] = await measure(s, args, kind, processes, upstreams)
     results["key_computation"] = keyer_timing(args.sizes)
     return results
 
