@@ -44,6 +44,7 @@ from router.index import PrefixIndex
 from router.policies.base import Decision, DecisionRecord, PoolView
 from router.prefix import RouteKeys
 from router.rate import DecayedCounts, RateTable
+from router.workers import Worker
 
 
 class CacheAware:
@@ -94,10 +95,11 @@ class CacheAware:
         least, least_load = "", math.inf
         dw = self.decode_weight
         total_load, room = 0.0, False  # room: some worker has no prefill queued
-        works: dict[str, float] = {}
+        works: dict[str, tuple[Worker, float]] = {}  # the ring's workers: exactly the usable ones (router.workers)
         for name in pool.active:
             w = pool.worker(name)
-            work = works[name] = w.work(dw)  # type: ignore[union-attr]
+            work = w.work(dw)  # type: ignore[union-attr]
+            works[name] = (w, work)  # type: ignore[assignment]
             total_load += work
             if not room and w.queued_prefill == 0:  # type: ignore[union-attr]
                 room = True
@@ -119,12 +121,10 @@ class CacheAware:
         pick, best, pick_hit = "", (math.inf, 0, 0.0), 0
         full, full_best, full_hit = "", (math.inf, 0, 0.0), 0  # the best worker only admission's bound rules out
         for name in candidates:
-            w = pool.worker(name)
-            if w is None or not w.usable:
+            entry = works.get(name)
+            if entry is None:  # off the ring: unhealthy, draining or its breaker open
                 continue
-            load = works.get(name)
-            if load is None:
-                load = w.work(dw)
+            w, load = entry
             if w.inflight + 1 > balance and room and load >= mean_load:
                 continue
             blocks = seen if name in fan else depth.get(name, 0)
