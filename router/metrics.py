@@ -5,7 +5,6 @@ only: never prompt text, routing keys, tenants' secrets or API keys. A removed w
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -96,7 +95,6 @@ class RouterMetrics:
             "Leading tokens of a request's stable prefix that a recent request of the same tenant shared (early "
             "divergence when low)", ["tenant"],
             buckets=(*(b for b in _SHARED_BUCKETS if b < prefix_tokens), prefix_tokens), registry=r)
-        self._shared_by_tenant: dict[str, Any] = {}
         self.admission_rejected = LoopCounter("prefixroute_router_admission_rejected",
                                               "Requests refused with 429 by admission control, by reason", ["reason"],
                                               registry=r)
@@ -114,10 +112,7 @@ class RouterMetrics:
 
     def observe_shared(self, tenant: str, tokens: int) -> None:
         """`tenant`: a label (configured tenant ids only, so the series are bounded)."""
-        child = self._shared_by_tenant.get(tenant)
-        if child is None:
-            child = self._shared_by_tenant[tenant] = self.shared_tokens.labels(tenant)
-        child.observe(tokens)
+        self.shared_tokens.labels(tenant).observe(tokens)
 
     def watch_sharing(self, router) -> None:
         self.registry.register(_SharingCollector(router))

@@ -148,8 +148,7 @@ class CacheAware:
         if not pick:  # every candidate is over the bound: the next ring worker under it
             pick = next((name for name in order if pool.inflight(name) + 1 <= balance
                          and pool.admits(pool.worker(name), total)), least)
-            blocks = depth.get(pick, 0)
-            pick_hit = min(block_tokens[blocks - 1], most) if blocks else 0
+            pick_hit = min(keys.tokens_through(depth.get(pick, 0)), most)
         if pick == last:
             reason = "session"
         elif pick == order[0]:
