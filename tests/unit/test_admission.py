@@ -212,3 +212,33 @@ def test_the_token_bound_keeps_cold_prompts_off_a_queued_worker_but_lets_a_cache
     assert a.has_room()  # home has 9,000 of 10,000 queued: room for a short prompt
     pool.acquire(home, prefill=1_000)
     assert not a.has_room()
+
+
+@pytest.mark.parametrize("bound", ["requests", "tokens"])
+def test_a_held_request_is_refused_rather_than_recomputed_elsewhere_once_the_fleet_is_half_full(bound):
+    pool = WorkerPool()
+    for i in range(4):
+        pool.mark_ok(pool.add(f"http://w{i}:1").name)
+    s = (RouterSettings(max_queue_per_worker=4) if bound == "requests"
+         else RouterSettings(max_queued_tokens_per_worker=1000))
+    a = Admission.from_settings(s, pool, lambda reason: None)
+    w0, w1, w2, w3 = pool.active
+
+    def fill(name: str, n: int) -> None:  # n of 4 slots, or n x 250 of 1,000 prefill tokens
+        for _ in range(n):
+            pool.acquire(name, prefill=250 if bound == "tokens" else 0)
+
+    fill(w0, 4)  # the held request's worker: full
+    fill(w1, 3)  # 7 of 16 in use: under half
+    elsewhere = {"prefill": 900}
+    assert not a.saturated()
+    assert not a.refuses_after_hold(100, lambda: elsewhere["prefill"])  # room to spare: placed elsewhere
+    fill(w2, 1)  # 8 of 16: half full
+    assert a.saturated()
+    assert a.refuses_after_hold(100, lambda: elsewhere["prefill"])  # elsewhere would recompute 800 more tokens
+    elsewhere["prefill"] = 100
+    assert not a.refuses_after_hold(100, lambda: elsewhere["prefill"])  # it costs no more there: placed there
+    fill(w1, 1)
+    fill(w2, 3)
+    fill(w3, 4)
+    assert not a.has_room() and a.refuses_after_hold(100, lambda: elsewhere["prefill"])  # no room anywhere
