@@ -5,9 +5,10 @@ hot path can be measured before it is merged.
 Each router runs under callgrind with instrumentation off (it starts at a few times its normal speed), takes
 `--warmup` requests, then counts the instructions (all its threads) of `--requests` requests sent at concurrency
 `--concurrency` to the fast upstreams of bench/router_overhead.py. Side by side: prefixroute (this tree, and
-`--tree DIR` for another checkout, e.g. a git worktree of the commit before a change), the aiohttp pass-through
-floor and, with `--sglang`, SGLang's router from PyPI (its Rust threads counted too). Instructions are not time
-(cache misses and syscalls are not in them), but for one interpreter and one machine they rank changes reliably.
+`--tree DIR` for another checkout, e.g. a git worktree of the commit before a change), the two pass-through
+floors of bench/router_overhead.py (on aiohttp's client, and on router.upstream) and, with `--sglang`, SGLang's
+router from PyPI (its Rust threads counted too). Instructions are not time (cache misses and syscalls are not in
+them), but for one interpreter and one machine they rank changes reliably.
 
 Needs `valgrind` (Debian: apt-get install valgrind). Prints JSON, then a markdown table; `--out DIR` writes
 router_instructions.{json,md}.
@@ -113,7 +114,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     routers: list[tuple[str, str, Path]] = [("prefixroute", "prefixroute", ROOT)]
     if args.tree:
         routers.append((f"prefixroute ({args.tree})", "prefixroute", Path(args.tree)))
-    routers.append(("aiohttp-floor", "aiohttp-floor", ROOT))
+    routers += [("aiohttp-floor", "aiohttp-floor", ROOT), ("upstream-floor", "upstream-floor", ROOT)]
     if args.sglang:
         routers.append(("sglang", "sglang", ROOT))
     results: dict[str, Any] = {}

@@ -10,13 +10,16 @@ the router's in-process key computation (render + tokenize P tokens + hash) with
 tokenization cache; then a closed-loop load (wrk when installed, else Python) for requests/s and router CPU
 per request. Side by side in one run: prefixroute (with `--processes 1` and more, throughput only past 1) and
 SGLang's router from PyPI (`sglang-router`), in front of the same `--upstreams` fast servers, and
-`aiohttp-floor`: a pass-through proxy of a dozen lines on the same aiohttp server, client and uvloop as
-prefixroute, forwarding bytes round robin and doing nothing else, the floor any aiohttp router stands on.
+`aiohttp-floor`: a pass-through proxy of a dozen lines on aiohttp's server and client and uvloop, forwarding
+bytes round robin and doing nothing else, the floor any router on aiohttp's client stands on; `upstream-floor`:
+the same proxy with prefixroute's own upstream client (router.upstream) in place of aiohttp's, the parts
+prefixroute is built from: what prefixroute costs beyond it is its own work (keys, policy, accounting).
 Prints JSON, then markdown tables; `--out DIR` writes router_overhead.{json,md}.
 
   python bench/router_overhead.py [--samples 300] [--routers prefixroute sglang] [--processes 1 2] [--out DIR]
   python bench/router_overhead.py --serve-upstream PORT    (the fast upstream itself)
   python bench/router_overhead.py --serve-floor PORT URL... (the aiohttp pass-through floor)
+  python bench/router_overhead.py --serve-upstream-floor PORT URL... (the same on router.upstream)
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from loadgen.report import percentile  # noqa: E402
+from router.upstream import UpstreamPool  # noqa: E402
 
 STREAM_CHUNKS = 16
 
@@ -92,19 +96,24 @@ def upstream_app() -> web.Application:
     return app
 
 
-def floor_app(upstreams: list[str]) -> web.Application:
-    """Forward the body round robin and return the answer: no parsing, keys, policy, metrics or failover."""
+def floor_app(upstreams: list[str], lean: bool = False) -> web.Application:
+    """Forward the body round robin and return the answer: no parsing, keys, policy, metrics or failover. `lean`:
+    through router.upstream instead of aiohttp's client."""
     turn = [0]
 
     async def start(app: web.Application) -> None:
-        app["client"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
+        app["client"] = UpstreamPool() if lean else \
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
 
     async def stop(app: web.Application) -> None:
-        await app["client"].close()
+        if not lean:
+            await app["client"].close()
 
     async def forward(request: web.Request) -> web.StreamResponse:
         body = await request.read()
         turn[0] += 1
+        if lean:
+            return await forward_lean(request, body, upstreams[turn[0] % len(upstreams)])
         url = upstreams[turn[0] % len(upstreams)] + request.path
         async with request.app["client"].post(url, data=body, headers={"Content-Type": "application/json"}) as up:
             if not up.content_type.startswith("text/event-stream"):
@@ -115,6 +124,21 @@ def floor_app(upstreams: list[str]) -> web.Application:
                 await out.write(chunk)
             await out.write_eof()
             return out
+
+    async def forward_lean(request: web.Request, body: bytes, upstream: str) -> web.StreamResponse:
+        up = await request.app["client"].post(upstream, request.path, body, {"Content-Type": "application/json"})
+        try:
+            ctype = up.headers.get("content-type", "application/json")
+            if not ctype.startswith("text/event-stream"):
+                return web.Response(body=await up.read(), status=up.status, headers={"Content-Type": ctype})
+            out = web.StreamResponse(status=up.status, headers={"Content-Type": ctype})
+            await out.prepare(request)
+            while chunk := await up.readany():
+                await out.write(chunk)
+            await out.write_eof()
+            return out
+        finally:
+            up.release()
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -270,6 +294,8 @@ async def python_rps(url: str, payload: bytes, seconds: float, connections: int)
 def router_command(kind: str, port: int, upstreams: list[str], processes: int) -> list[str]:
     if kind == "aiohttp-floor":
         return [__file__, "--serve-floor", str(port), *upstreams]
+    if kind == "upstream-floor":
+        return [__file__, "--serve-upstream-floor", str(port), *upstreams]
     if kind == "sglang":  # SGLang's router from PyPI, its default policy (cache_aware)
         return ["-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port), "--worker-urls",
                 *upstreams, "--log-level", "warn"]
@@ -381,16 +407,19 @@ def main() -> int:
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--upstreams", type=int, default=4)
-    p.add_argument("--routers", nargs="+", default=["prefixroute", "sglang", "aiohttp-floor"],
-                   choices=["prefixroute", "sglang", "aiohttp-floor"])
+    p.add_argument("--serve-upstream-floor", nargs="+", help=argparse.SUPPRESS)
+    p.add_argument("--routers", nargs="+", default=["prefixroute", "sglang", "aiohttp-floor", "upstream-floor"],
+                   choices=["prefixroute", "sglang", "aiohttp-floor", "upstream-floor"])
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="prefixroute --processes to measure")
     p.add_argument("--out")
     args = p.parse_args()
-    if args.serve_floor:
+    if args.serve_floor or args.serve_upstream_floor:
         import uvloop
 
-        web.run_app(floor_app(args.serve_floor[1:]), host="127.0.0.1", port=int(args.serve_floor[0]), print=None,
-                    access_log=None, loop=uvloop.new_event_loop())
+        lean = bool(args.serve_upstream_floor)
+        port, *ups = args.serve_upstream_floor or args.serve_floor
+        web.run_app(floor_app(ups, lean), host="127.0.0.1", port=int(port), print=None, access_log=None,
+                    loop=uvloop.new_event_loop())
         return 0
     if args.serve_upstream:
         web.run_app(upstream_app(), host="127.0.0.1", port=args.serve_upstream, print=None, access_log=None,
@@ -404,7 +433,7 @@ def main() -> int:
     report = {"versions": {"sglang-router": sglang},
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                           "loadavg_at_end": os.getloadavg()},  # 1, 5, 15 min: other work sharing the CPUs
-              "config": {k: v for k, v in vars(args).items() if k not in ("serve_upstream", "serve_floor")},
+              "config": {k: v for k, v in vars(args).items() if not k.startswith("serve_")},
               "results": results}
     md = markdown(results)
     print(json.dumps(report, indent=2))

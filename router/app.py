@@ -29,6 +29,7 @@ from router.settings import RouterSettings
 from router.shared import SharedState
 from router.stats import RedisState, read_stats
 from router.tenants import Tenant, Tenants, check_admin
+from router.upstream import UpstreamPool
 from router.workers import WorkerPool, normalize_url
 from worker.stats import StatsPublisher
 
@@ -93,15 +94,13 @@ class Router:
 
     async def _start(self, app: web.Application) -> None:
         s = self.settings
-        self.client = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=s.max_connections, limit_per_host=0, keepalive_timeout=60),
-            # sock_connect, not connect: aiohttp's `connect` also counts the wait for a free pooled connection, and a
-            # router at max_connections must queue requests, not mark every worker failed at once.
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s,
-                                          sock_read=s.request_timeout_s),
-            auto_decompress=False,
-        )
-        self.proxy = Proxy(self.client, self.pool, self.metrics, s.max_failover, on_usage=self._engine_usage)
+        # Health probes and admin calls; requests go through the proxy's own pool (router.upstream).
+        self.client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s),
+                                            auto_decompress=False)
+        # The connect timeout counts only the connecting, not a wait for a free connection: a router at
+        # max_connections must queue requests, not mark every worker failed at once.
+        self.proxy = Proxy(UpstreamPool(s.max_connections, s.connect_timeout_s, s.request_timeout_s, keepalive_s=60),
+                           self.pool, self.metrics, s.max_failover, on_usage=self._engine_usage)
         await self.pool.probe_all(self.client, s.health_timeout_s)
         self._health_task = asyncio.create_task(
             self.pool.health_loop(self.client, s.health_interval_s, s.health_timeout_s))
@@ -171,6 +170,8 @@ class Router:
         await self.redis.close()
         if self.client:
             await self.client.close()
+        if self.proxy is not None:
+            self.proxy.upstream.close()
 
     # ---- OpenAI surface -----------------------------------------------------------------------------------
 

@@ -60,6 +60,10 @@ class DivergenceTracker:
             ends = self._checkpoints(len(packed))
         seed, n = state.seed, len(ends)
         cur, old = state.cur, state.old
+        if not first and xxh3_64_intdigest(packed, seed) in cur:
+            # The whole prefix again, recently (the usual repeat): every checkpoint is held (they are a leading
+            # run) and this request would add none, so one hash answers what the bisection would.
+            return len(packed) >> 2
         # Prefixes nest and a request's checkpoints all go into `cur` together, so a shallower checkpoint of a
         # prefix is never forgotten before a deeper one: the held checkpoints are a leading run (bisection finds
         # its end), and so are those in `cur` (when the deepest held is there, so are all before it).

@@ -1,13 +1,14 @@
-"""Forwarding to a worker over one pooled aiohttp client session: SSE passed through chunk by chunk, failover
-to the next candidate when a worker cannot be reached, answers 500/502/503/504 or fails before its first data
-chunk (nothing has reached the client yet), never after. Each of those failures counts towards the worker's
+"""Forwarding to a worker over pooled upstream connections (router.upstream): SSE passed through chunk by chunk,
+failover to the next candidate when a worker cannot be reached, answers 500/502/503/504 or fails before its first
+data chunk (nothing has reached the client yet), never after. Each of those failures counts towards the worker's
 failure threshold (a refused connection reaches it at once); consecutive failures at the threshold take the worker
 off the ring until a health probe brings it back. They also go to the worker's circuit breaker (router.breaker),
 which no health probe closes: only its one half-open trial request does.
 
-Why aiohttp and not httpx here: under 64 concurrent requests httpcore's pool re-checks every pooled connection
-(getpeername, readability) on each request; that took 68% of the router's CPU and capped it near 350 requests/s
-(bench/router_overhead.py). aiohttp's connector hands out an idle connection in O(1).
+Neither httpx nor aiohttp's client here: under 64 concurrent requests httpcore's pool re-checks every pooled
+connection (getpeername, readability) on each request, which took 68% of the router's CPU and capped it near 350
+requests/s; aiohttp's ClientSession cost 316k instructions a request, more than half of a bare aiohttp proxy's
+(bench/router_instructions.py). router.upstream hands out an idle connection in O(1) and parses with llhttp.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import logging
 import time
 from collections.abc import Callable
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -28,6 +28,7 @@ from protocol.http import SSE_DONE, sse
 from protocol.limits import time_limit_hit
 from router.metrics import RouterMetrics
 from router.policies import Decision
+from router.upstream import ConnectError, TransportError, UpstreamError, UpstreamPool, UpstreamResponse
 from router.workers import WorkerPool
 
 log = logging.getLogger("prefixroute.router.proxy")
@@ -38,9 +39,9 @@ _JSON = {"Content-Type": "application/json"}
 
 
 class Proxy:
-    def __init__(self, client: aiohttp.ClientSession, pool: WorkerPool, metrics: RouterMetrics, max_failover: int,
+    def __init__(self, upstream: UpstreamPool, pool: WorkerPool, metrics: RouterMetrics, max_failover: int,
                  on_usage: Callable[[dict, dict[str, str]], None] | None = None):
-        self.client = client
+        self.upstream = upstream
         self.pool = pool
         self.metrics = metrics
         self.max_failover = max_failover
@@ -94,13 +95,13 @@ class Proxy:
             self.pool.acquire(name, decision.prefill, decision.context)
             pending = [decision.prefill]
             settled = False  # the attempt's outcome went to the worker's breaker
-            up: aiohttp.ClientResponse | None = None
+            up: UpstreamResponse | None = None
             task = asyncio.current_task()
             self._tasks.add(task)  # type: ignore[arg-type]
             try:
                 t0 = time.perf_counter()
                 try:
-                    up = await self.client.post(w.url + path, data=body, headers=up_headers)
+                    up = await self.upstream.post(w.url, path, body, up_headers)
                     if up.status in _RETRYABLE_STATUS:
                         self.metrics.upstream_errors.labels(name, str(up.status)).inc()
                         self.pool.request_failed(name, trial)
@@ -109,12 +110,11 @@ class Proxy:
                         continue
                     first = b""
                     if up.headers.get("content-type", "").startswith("text/event-stream"):
-                        first = await up.content.readany()
+                        first = await up.readany()
                         if not first:
-                            raise aiohttp.ServerDisconnectedError("the stream ended before its first chunk")
-                except (aiohttp.ClientConnectorError, aiohttp.ServerTimeoutError, asyncio.TimeoutError,
-                        aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:
-                    kind = "connect" if isinstance(exc, aiohttp.ClientConnectorError) else "transport"
+                            raise TransportError("the stream ended before its first chunk")
+                except UpstreamError as exc:
+                    kind = "connect" if isinstance(exc, ConnectError) else "transport"
                     self.metrics.upstream_errors.labels(name, kind).inc()
                     self.pool.request_failed(name, trial, immediate=kind == "connect")
                     settled = True
@@ -151,7 +151,7 @@ class Proxy:
                 if up is not None:
                     # A fully read answer returns its connection to the pool; anything else (a failure, a client
                     # that left, a cancelled handler) closes it, which makes the worker abort the request.
-                    up.release() if up.content.at_eof() else up.close()
+                    up.release()
         self.metrics.rejected.labels("502").inc()
         raise APIError(502, f"Upstream failure: {last_error}; tried {len(candidates)} worker(s).",
                        code="upstream_unavailable")
@@ -175,7 +175,7 @@ class Proxy:
         if isinstance(usage, dict):
             self.on_usage(usage, tags)  # type: ignore[misc]
 
-    async def _relay(self, request: web.Request, name: str, up: aiohttp.ClientResponse,
+    async def _relay(self, request: web.Request, name: str, up: UpstreamResponse,
                      headers: dict[str, str], pending: list[int], first: bytes,
                      tail: list[bytes] | None = None) -> web.StreamResponse:
         """`tail`: filled with the plain answer, or a stream's last bytes (for its usage), when not None."""
@@ -184,7 +184,7 @@ class Proxy:
         if not first:
             try:
                 data = await up.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except UpstreamError as exc:
                 self.metrics.upstream_errors.labels(name, "read").inc()
                 raise APIError(502, f"Upstream failure while reading the answer ({type(exc).__name__}).",
                                code="upstream_error") from None
@@ -198,17 +198,17 @@ class Proxy:
         try:
             await out.write(first)
             if tail is None:
-                async for chunk in up.content.iter_any():
+                while chunk := await up.readany():
                     await out.write(chunk)
             else:
                 last = first
-                async for chunk in up.content.iter_any():
+                while chunk := await up.readany():
                     await out.write(chunk)
                     last = last[-4096:] + chunk if len(chunk) < 4096 else chunk
                 tail.append(last)
         except ConnectionResetError:
             return out  # the client left; closing the upstream connection makes the worker abort the request
-        except (aiohttp.ClientError, asyncio.TimeoutError, asyncio.CancelledError) as exc:
+        except (UpstreamError, asyncio.CancelledError) as exc:
             # Bytes are out: no retry. End the stream with an error event the client can see.
             if isinstance(exc, asyncio.CancelledError) and time_limit_hit(request):
                 # request_time_limit_s ran out; the router's timeout consumes the cancel when the handler returns

@@ -113,7 +113,8 @@ class RouterSettings(BaseSettings, LimitSettings):
     fail_threshold: int = Field(2, ge=1, description="consecutive failures (probes, broken connections, 502/503 "
                                 "answers) before a worker leaves the ring; a refused connection takes it off at once")
     connect_timeout_s: float = Field(3.0, gt=0, description="upstream connect timeout (then failover)")
-    request_timeout_s: float = Field(600.0, gt=0, description="upstream timeout for a whole response")
+    request_timeout_s: float = Field(600.0, gt=0, description="upstream read timeout: the longest wait for the "
+                                                             "next byte of a worker's answer, its first included")
     max_failover: int = Field(2, ge=0, description="other workers tried when one fails before streaming")
     # per-worker circuit breaker (router.breaker): failures are those before the first byte (refused or broken
     # connections, 5xx answers, timeouts); a passing health probe never closes an open breaker

@@ -102,3 +102,22 @@ def test_a_hot_prefix_survives_novel_traffic():
     for i in range(2_000):
         t.observe("a", KEY_A, packed(prefix(100 + i)))
         assert t.observe("a", KEY_A, hot) == P
+
+
+def test_answers_equal_the_definition_over_repeats_and_branches():
+    """With room for every hash: the deepest checkpoint (a multiple of G, or a whole prefix) an earlier request of
+    the tenant shared, whether the whole prefix repeats (one hash answers) or a branch needs the bisection."""
+    rng = random.Random(7)
+    roots = [prefix(s, rng.choice([P, 21, 64, 200])) for s in range(6)]
+    t = DivergenceTracker(hashes_per_tenant=1 << 20)
+    seen: list[list[int]] = []
+    for _ in range(400):
+        ids = list(rng.choice(roots + seen[-20:])) if seen else list(roots[0])
+        if rng.random() < 0.4 and ids:  # branch somewhere, or cut short
+            k = rng.randrange(len(ids))
+            ids = ids[:k] + prefix(rng.randrange(10**6), len(ids) - k) if rng.random() < 0.7 else ids[:k + 1]
+        want = None if not seen else max(
+            (e for r in seen for e in [*range(8, len(ids) + 1, 8), len(ids)]
+             if r[:e] == ids[:e] and (e % 8 == 0 and e <= len(r) or e == len(r))), default=0)
+        assert t.observe("a", KEY_A, packed(ids)) == want
+        seen.append(ids)
