@@ -89,8 +89,8 @@ class _Connection(asyncio.Protocol):
         r = self.response
         if r is None:
             return
-        if r.status and not r._complete and exc is None and "content-length" not in r.headers \
-                and "chunked" not in r.headers.get("transfer-encoding", ""):
+        if r.status and not r._complete and r._error is None and exc is None \
+                and "content-length" not in r.headers and "chunked" not in r.headers.get("transfer-encoding", ""):
             r._complete = True  # a body without a length ends where the connection does (RFC 9112, 6.3)
             r._wake()
         else:

@@ -243,6 +243,26 @@ async def test_a_body_without_a_length_ends_with_the_connection():
         pool.close()
 
 
+async def test_a_body_without_a_length_cut_by_the_read_timeout_is_not_complete():
+    async def stall(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\n\r\npartial")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async with raw_server(stall) as url:
+        pool = UpstreamPool(read_timeout=0.3)
+        r = await pool.post(url, "/x", b"{}", {})
+        with pytest.raises(ReadTimeout):
+            await r.read()
+        await asyncio.sleep(0.1)  # the connection's close has landed: still an error, not a complete body
+        assert not r.at_eof()
+        with pytest.raises(ReadTimeout):
+            await r.readany()
+        r.release()
+        pool.close()
+
+
 async def test_a_header_value_cannot_inject_lines():
     async with aiohttp_server(echo_app([])) as url:
         pool = UpstreamPool()
