@@ -36,6 +36,17 @@ async def raw_server(handler):
         server.close()
 
 
+@contextlib.asynccontextmanager
+async def pool_for(server, **kwargs):
+    """A server (aiohttp_server or raw_server) and a pool in front of it: yields (url, pool), closes the pool."""
+    async with server as url:
+        pool = UpstreamPool(**kwargs)
+        try:
+            yield url, pool
+        finally:
+            pool.close()
+
+
 def echo_app(peers: list, disconnects: list | None = None) -> web.Application:
     async def echo(request: web.Request) -> web.Response:
         peers.append(request.transport.get_extra_info("peername"))
@@ -70,8 +81,7 @@ def echo_app(peers: list, disconnects: list | None = None) -> web.Application:
 
 async def test_answers_and_reuses_the_connection():
     peers: list = []
-    async with aiohttp_server(echo_app(peers)) as url:
-        pool = UpstreamPool()
+    async with pool_for(aiohttp_server(echo_app(peers))) as (url, pool):
         for i in range(3):
             r = await pool.post(url, "/echo", b'{"i":%d}' % i, {"Content-Type": "application/json", "X-Tag": str(i)})
             assert r.status == 200 and r.headers["content-type"] == "application/json"
@@ -82,12 +92,10 @@ async def test_answers_and_reuses_the_connection():
         r = await pool.post(url + "/base", "/echo", b"x", {})  # a worker URL with a path prefix
         assert await r.read() == b"got:x"
         r.release()
-        pool.close()
 
 
 async def test_a_stream_arrives_chunk_by_chunk():
-    async with aiohttp_server(echo_app([])) as url:
-        pool = UpstreamPool()
+    async with pool_for(aiohttp_server(echo_app([]))) as (url, pool):
         r = await pool.post(url, "/stream?n=3&gap=0.3", b"{}", {})
         assert r.headers["content-type"].startswith("text/event-stream")
         loop = asyncio.get_running_loop()
@@ -99,24 +107,20 @@ async def test_a_stream_arrives_chunk_by_chunk():
             rest += chunk
         assert rest == b"data: 1\n\ndata: 2\n\n" and r.at_eof()
         r.release()
-        pool.close()
 
 
 async def test_a_large_answer_is_read_whole_through_flow_control():
-    async with aiohttp_server(echo_app([])) as url:
-        pool = UpstreamPool()
+    async with pool_for(aiohttp_server(echo_app([]))) as (url, pool):
         r = await pool.post(url, "/big", b"", {})
         await asyncio.sleep(0.2)  # let it all arrive unread: reading pauses past the high-water mark
         assert r._paused
         assert await r.read() == bytes(range(256)) * 8192
         r.release()
-        pool.close()
 
 
 async def test_closing_an_unfinished_answer_disconnects_the_worker():
     disconnects: list = []
-    async with aiohttp_server(echo_app([], disconnects)) as url:
-        pool = UpstreamPool()
+    async with pool_for(aiohttp_server(echo_app([], disconnects))) as (url, pool):
         r = await pool.post(url, "/stream?n=100&gap=0.05", b"{}", {})
         assert await r.readany()
         r.close()
@@ -125,7 +129,6 @@ async def test_closing_an_unfinished_answer_disconnects_the_worker():
                 break
             await asyncio.sleep(0.05)
         assert disconnects == [True]
-        pool.close()
 
 
 async def test_an_unreachable_worker_is_a_connect_error():
@@ -144,8 +147,7 @@ async def test_a_worker_that_drops_the_connection_is_a_transport_error():
         await writer.drain()
         writer.close()
 
-    async with raw_server(drop) as url:
-        pool = UpstreamPool()
+    async with pool_for(raw_server(drop)) as (url, pool):
         r = await pool.post(url, "/x", b"{}", {})
         assert r.status == 200
         with pytest.raises(TransportError):
@@ -154,7 +156,6 @@ async def test_a_worker_that_drops_the_connection_is_a_transport_error():
         with pytest.raises(TransportError):  # closes before any answer
             async with raw_server(lambda r, w: w.close()) as url2:
                 await pool.post(url2, "/x", b"{}", {})
-        pool.close()
 
 
 async def test_a_worker_that_answers_something_else_is_a_transport_error():
@@ -163,11 +164,9 @@ async def test_a_worker_that_answers_something_else_is_a_transport_error():
         writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
         await writer.drain()
 
-    async with raw_server(garbage) as url:
-        pool = UpstreamPool()
+    async with pool_for(raw_server(garbage)) as (url, pool):
         with pytest.raises(TransportError):
             await pool.post(url, "/x", b"{}", {})
-        pool.close()
 
 
 async def test_a_silent_worker_times_out():
@@ -175,20 +174,17 @@ async def test_a_silent_worker_times_out():
         await reader.readuntil(b"\r\n\r\n")
         await asyncio.sleep(5)
 
-    async with raw_server(silent) as url:
-        pool = UpstreamPool(read_timeout=0.3)
+    async with pool_for(raw_server(silent), read_timeout=0.3) as (url, pool):
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         with pytest.raises(ReadTimeout):
             await pool.post(url, "/x", b"{}", {})
         assert 0.25 < loop.time() - t0 < 2
-        pool.close()
 
 
 async def test_the_connection_limit_queues_posts_and_survives_cancelled_waiters():
     peers: list = []
-    async with aiohttp_server(echo_app(peers)) as url:
-        pool = UpstreamPool(limit=1)
+    async with pool_for(aiohttp_server(echo_app(peers)), limit=1) as (url, pool):
         first = await pool.post(url, "/stream?n=2&gap=0.2", b"{}", {})
         second = asyncio.create_task(pool.post(url, "/echo", b"2", {}))
         cancelled = asyncio.create_task(pool.post(url, "/echo", b"3", {}))
@@ -208,7 +204,6 @@ async def test_the_connection_limit_queues_posts_and_survives_cancelled_waiters(
             assert await r.read() == b"got:%d" % i
             r.release()
         assert pool._open == 1
-        pool.close()
 
 
 async def test_at_the_limit_an_idle_connection_to_another_worker_makes_room():
@@ -234,13 +229,11 @@ async def test_a_body_without_a_length_ends_with_the_connection():
         await writer.drain()
         writer.close()
 
-    async with raw_server(http10) as url:
-        pool = UpstreamPool()
+    async with pool_for(raw_server(http10)) as (url, pool):
         r = await pool.post(url, "/x", b"{}", {})
         assert await r.read() == b'{"ok":true}' and r.at_eof()
         r.release()
         assert pool._open == 0  # not reusable: closed, its slot given back
-        pool.close()
 
 
 async def test_a_body_without_a_length_cut_by_the_read_timeout_is_not_complete():
@@ -250,8 +243,7 @@ async def test_a_body_without_a_length_cut_by_the_read_timeout_is_not_complete()
         await writer.drain()
         await asyncio.sleep(5)
 
-    async with raw_server(stall) as url:
-        pool = UpstreamPool(read_timeout=0.3)
+    async with pool_for(raw_server(stall), read_timeout=0.3) as (url, pool):
         r = await pool.post(url, "/x", b"{}", {})
         with pytest.raises(ReadTimeout):
             await r.read()
@@ -260,15 +252,12 @@ async def test_a_body_without_a_length_cut_by_the_read_timeout_is_not_complete()
         with pytest.raises(ReadTimeout):
             await r.readany()
         r.release()
-        pool.close()
 
 
 async def test_a_header_value_cannot_inject_lines():
-    async with aiohttp_server(echo_app([])) as url:
-        pool = UpstreamPool()
+    async with pool_for(aiohttp_server(echo_app([]))) as (url, pool):
         with pytest.raises(ValueError):
             await pool.post(url, "/echo", b"{}", {"X-Tag": "a\r\nX-Evil: 1"})
         r = await pool.post(url, "/echo", b"ok", {"X-Tag": "fine"})
         assert r.headers["x-seen"] == "fine" and await r.read() == b"got:ok"
         r.release()
-        pool.close()
