@@ -36,6 +36,7 @@ class Worker:
     healthy: bool = False
     draining: bool = False
     inflight: int = 0
+    reserved: int = 0  # request slots handed to admission waiters that have been woken and not yet resumed
     prefill: int = 0  # tokens its in-flight requests are expected to prefill and have not yet started streaming
     context: int = 0  # prompt tokens of its in-flight requests (the KV they hold while they decode)
     fails: int = 0
@@ -113,8 +114,9 @@ class WorkerPool:
     def admits(self, w: Worker, prefill: int) -> bool:
         """Admission's per-worker bounds (router.admission): another request that would prefill `prefill` tokens
         there keeps `w` within its requests in flight and its queued prefill tokens. An idle worker takes any
-        request, even one longer than the token bound."""
-        if self.max_inflight is not None and w.inflight >= self.max_inflight:
+        request, even one longer than the token bound. A slot reserved for a woken admission waiter
+        (router.admission) counts as in flight."""
+        if self.max_inflight is not None and w.inflight + w.reserved >= self.max_inflight:
             return False
         return self.max_prefill is None or w.prefill == 0 or w.prefill + prefill <= self.max_prefill
 

@@ -185,6 +185,38 @@ def test_a_held_request_gets_its_workers_next_slot_before_requests_waiting_for_a
     asyncio.run(run())
 
 
+def test_a_woken_waiter_keeps_its_slot_until_it_resumes_and_hands_it_on_when_cancelled():
+    """A woken task resumes a few loop turns after `released`: a request arriving in between must not take the
+    slot (it did, live: held requests went to the back of their queue and then to a 429)."""
+    async def run():
+        a, pool = admission(max_queue=1, wait_s=0.5, max_waiting=4)
+        a.clock = asyncio.get_running_loop().time
+        w0, w1 = pool.active
+        pool.acquire(w0)
+        pool.acquire(w1)
+        first = asyncio.create_task(a.wait_for_worker(w0, a.clock() + 0.5))
+        second = asyncio.create_task(a.wait_for_worker(w0, a.clock() + 0.5))
+        anyone = asyncio.create_task(a.wait_for_room())
+        await asyncio.sleep(0.01)
+        pool.release(w0)
+        a.released(w0)
+        # before `first` runs again: a newcomer sees no room on w0, nor anywhere
+        assert not pool.admits(pool.workers[w0], 1) and not a.has_room()
+        assert await first is True
+        assert pool.workers[w0].reserved == 0 and pool.admits(pool.workers[w0], 1)
+        pool.acquire(w0)  # first's request takes it
+        pool.release(w0)
+        a.released(w0)  # reserved for `second`, which is cancelled (its client left) before it resumes
+        second.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        # the slot went on to the next waiter (for any worker), not lost
+        assert await anyone == pytest.approx(a.clock(), abs=0.6)
+        assert pool.workers[w0].reserved == 0 and a.waiting == 0
+
+    asyncio.run(run())
+
+
 def test_the_token_bound_keeps_cold_prompts_off_a_queued_worker_but_lets_a_cache_hit_in():
     from router.policies import make_policy
     from router.prefix import RouteKeys
