@@ -57,10 +57,12 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
 _DEFAULT_LIMITS = Limits()
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
+async def read_json(request: web.Request, limits: Limits | None = None) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 saying why not (413 comes from the size limit, 408 from a body
-    that does not arrive within body_timeout_s)."""
-    limits = request.config_dict.get(LIMITS, _DEFAULT_LIMITS)
+    that does not arrive within body_timeout_s). `limits`: the app's (given by a caller that holds them, as
+    request.config_dict builds a mapping on each access)."""
+    if limits is None:
+        limits = request.config_dict.get(LIMITS, _DEFAULT_LIMITS)
     try:
         if request.content.is_eof():  # the whole body came with the head (most do): nothing to wait for
             raw = await request.read()

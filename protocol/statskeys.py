@@ -56,6 +56,8 @@ class BoundedLabels:
         self.seen: set[str] = set()
 
     def __call__(self, value: str | None) -> str | None:
+        if value in self.seen:  # seen holds only valid labels: no pattern match for a known one
+            return value
         value = label(value)
         if value is None or value in self.seen:
             return value

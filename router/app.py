@@ -60,6 +60,7 @@ class Router:
         self.tenants = Tenants(settings.tenants, settings.open_tenant_secret.get_secret_value())
         self.admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
         self.metrics = RouterMetrics(self.pool, settings.prefix_tokens)
+        self.limits = Limits.of(settings)
         self.divergence = DivergenceTracker(max_tenants=len(settings.tenants) + 1)
         self.admission = Admission.from_settings(settings, self.pool, self._refused)
         self.metrics.admission_waiting.set_function(lambda: self.admission.waiting)
@@ -80,7 +81,7 @@ class Router:
         self._cut: asyncio.TimerHandle | None = None
 
     def app(self) -> web.Application:
-        app = openai_app(self, self.settings.max_body_bytes, Limits.of(self.settings))
+        app = openai_app(self, self.settings.max_body_bytes, self.limits)
         app.router.add_get("/admin/workers", self.admin_list)
         app.router.add_post("/admin/workers", self.admin_add)
         app.router.add_delete("/admin/workers", self.admin_remove)
@@ -185,7 +186,7 @@ class Router:
         """Authenticate, validate and key a request; answers 4xx/503 (counted) when it cannot be routed."""
         try:
             tenant = self.tenants.authenticate(request.headers.get("Authorization"))
-            obj = await read_json(request)
+            obj = await read_json(request, self.limits)
             req = parse_model(model_cls, obj)
             req.check_supported()
             check_max_tokens(req, self.settings.max_tokens_limit)
@@ -236,7 +237,7 @@ class Router:
         admission = self.admission
         gate = admission.enter(tenant.id, keys.prompt_tokens)
         try:
-            deadline = await admission.wait_for_room()
+            deadline = await admission.wait_for_room() if admission.enabled else None
             return await self._forward(request, path, tenant, req, keys, deadline)
         finally:
             admission.leave(gate)

@@ -21,12 +21,21 @@ import xxhash
 
 
 def block_ends(n: int, chunk: int) -> list[int]:
-    """Character offsets at which blocks end, for a text of n characters (the last block may end at n)."""
-    ends, e = [], 0
-    while e < n:
-        e = min(n, e + max(chunk, e // 8))
-        ends.append(e)
+    """Character offsets at which blocks end, for a text of n characters (the last block may end at n).
+    Memoized per (n, chunk) for the lengths seen lately: the caller must not change the list."""
+    ends = _ENDS.get((n, chunk))
+    if ends is None:
+        ends, e = [], 0
+        while e < n:
+            e = min(n, e + max(chunk, e // 8))
+            ends.append(e)
+        if len(_ENDS) >= 4096:
+            _ENDS.clear()
+        _ENDS[(n, chunk)] = ends
     return ends
+
+
+_ENDS: dict[tuple[int, int], list[int]] = {}
 
 
 def chain(data: bytes, chunk: int, seed: int) -> tuple[list[int], list[int]]:
@@ -34,8 +43,9 @@ def chain(data: bytes, chunk: int, seed: int) -> tuple[list[int], list[int]]:
     ends = block_ends(len(data), chunk)
     hashes, h, start = [], seed, 0
     view = memoryview(data)
+    digest = xxhash.xxh3_64_intdigest
     for e in ends:
-        h = xxhash.xxh3_64_intdigest(view[start:e], seed=h)
+        h = digest(view[start:e], h)  # the parent's hash seeds the block's
         hashes.append(h)
         start = e
     return hashes, ends

@@ -38,7 +38,7 @@ _CHARS_PER_TOKEN_GUESS = 5  # first window; doubled until it holds more than P t
 _ESTIMATE_CHARS = 1024  # the least text that bytes per token are estimated from (P = 256 windows hold more)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass sets each field through object.__setattr__ (18k instructions)
 class RouteKeys:
     key: bytes  # routing key (16 bytes)
     session: bytes | None  # explicit session identity (prompt_cache_key, user, x-session-id), if any
@@ -130,8 +130,10 @@ class PrefixKeyer:
         pck = (req.prompt_cache_key or "").encode()
         if isinstance(req, ChatCompletionRequest):
             messages = chat_messages(req)
-            ids, bpt, packed = self._chat(messages, tenant.key)
-            data = "".join(f"{m['role']}\n{m['content']}\x1e" for m in messages).encode()
+            # Each message's bytes once: its memo digest (_chat) and the block chain's content both read them.
+            encoded = [(m["role"].encode(), m["content"].encode()) for m in messages]
+            ids, bpt, packed = self._chat(messages, tenant.key, encoded)
+            data = b"".join([part for role, content in encoded for part in (role, b"\n", content, b"\x1e")])
         else:
             prompt = req.single_prompt()
             if isinstance(prompt, str):
@@ -166,9 +168,11 @@ class PrefixKeyer:
                 self._route.popitem(last=False)
         return key
 
-    def _chat(self, messages: list[dict[str, str]], scope: bytes) -> tuple[list[int], float, bytes]:
+    def _chat(self, messages: list[dict[str, str]], scope: bytes,
+              encoded: list[tuple[bytes, bytes]] | None = None) -> tuple[list[int], float, bytes]:
         """The first P token ids of the rendered chat and their bytes per token, rendering no more messages than
-        those need; memoized by the tenant (`scope`) and the leading messages that gave them."""
+        those need; memoized by the tenant (`scope`) and the leading messages that gave them (`encoded`: each
+        message's role and content as UTF-8)."""
         n = len(messages)
         h = xxhash.xxh3_128()
         h.update(scope)
@@ -177,7 +181,8 @@ class PrefixKeyer:
         def through(k: int) -> bytes:
             while len(digests) < k:
                 m = messages[len(digests)]
-                for part in (m["role"].encode(), m["content"].encode()):
+                for part in encoded[len(digests)] if encoded is not None else (m["role"].encode(),
+                                                                              m["content"].encode()):
                     h.update(len(part).to_bytes(8, "little"))
                     h.update(part)
                 digests.append(h.digest())

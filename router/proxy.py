@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import orjson
 from aiohttp import web
@@ -77,10 +77,11 @@ class Proxy:
         Nothing goes to the client before the worker's first data chunk (its first token, after prefill), so a
         worker that fails during prefill is retried on the next candidate without the client noticing."""
         up_headers = {**_JSON, **upstream_headers} if upstream_headers else _JSON
-        candidates = [decision.worker] + decision.fallbacks(self.max_failover)
         route = decision.reason
         last_error = "no worker could be reached"
-        for attempt, name in enumerate(candidates):
+        tried = 0
+        for attempt, name in enumerate(self._candidates(decision)):
+            tried += 1
             w = self.pool.workers.get(name)
             if w is None or (attempt and not w.usable):
                 continue
@@ -153,8 +154,13 @@ class Proxy:
                     # that left, a cancelled handler) closes it, which makes the worker abort the request.
                     up.release()
         self.metrics.rejected.labels("502").inc()
-        raise APIError(502, f"Upstream failure: {last_error}; tried {len(candidates)} worker(s).",
+        raise APIError(502, f"Upstream failure: {last_error}; tried {tried} worker(s).",
                        code="upstream_unavailable")
+
+    def _candidates(self, decision: Decision) -> Iterator[str]:
+        """The decision's worker, then its failover candidates, listed only when the first attempt failed."""
+        yield decision.worker
+        yield from decision.fallbacks(self.max_failover)
 
     def _count_usage(self, tail: list[bytes], tags: dict[str, str]) -> None:
         """The answer's usage: a plain answer's body, or a stream's last event that carries one (a client that

@@ -2,7 +2,8 @@
 
 `order(key)` is every worker, distinct, in ring order from the key's position: the home worker first, then
 the workers a spilled or overloaded key moves to. It is memoized per ring position, so a decision costs one
-bisect (O(log vnodes)) once the ring is warm, whatever the number of workers.
+bisect (O(log vnodes)) once the ring is warm, whatever the number of workers, and a key's position is memoized
+too (the last 65,536 keys), so a repeated key costs one dict lookup.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from hashlib import md5
 
 from uhashring import HashRing
 
+_MAX_POSITIONS = 1 << 16  # memoized key positions; a hot group's key is looked up on each of its requests
+
 
 class Ring:
     def __init__(self, vnodes: int = 160):
@@ -20,6 +23,7 @@ class Ring:
         self._points: list[int] = []
         self._owners: list[str] = []
         self._orders: dict[int, list[str]] = {}
+        self._positions: dict[bytes, int] = {}  # key -> its position, for the keys seen lately (bounded)
 
     def __len__(self) -> int:
         return len(self._weights)
@@ -35,10 +39,17 @@ class Ring:
         self._points = [p for p, _ in points]
         self._owners = [n for _, n in points]
         self._orders = {}
+        self._positions = {}
 
     def position(self, key: bytes) -> int:
-        p = bisect(self._points, key_point(key))
-        return 0 if p == len(self._points) else p
+        p = self._positions.get(key)
+        if p is None:
+            p = bisect(self._points, key_point(key))
+            p = 0 if p == len(self._points) else p
+            if len(self._positions) >= _MAX_POSITIONS:
+                self._positions.clear()
+            self._positions[key] = p
+        return p
 
     def order(self, key: bytes) -> list[str]:
         if not self._points:

@@ -186,13 +186,13 @@ class WorkerPool:
         w = self.workers.get(name)
         if w is None:
             return
-        prefill = max(prefill, -w.prefill)
-        context = max(context, -w.context)
         w.inflight += requests
-        w.prefill += prefill
-        w.context += context
+        # never below zero (a release after the worker's counts were reset)
+        w.prefill = w.prefill + prefill if w.prefill + prefill > 0 else 0
+        w.context = w.context + context if w.context + context > 0 else 0
         self.total_inflight += requests
-        if w.usable:
+        b = w.breaker
+        if w.healthy and not w.draining and (b is None or b.on_ring):  # Worker.usable, inlined (every request)
             self.active_inflight += requests
 
     # ---- health -------------------------------------------------------------------------------------------

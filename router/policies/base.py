@@ -13,7 +13,7 @@ from router.ring import Ring
 from router.workers import Worker
 
 
-@dataclass
+@dataclass(slots=True)
 class Decision:
     worker: str
     reason: str  # affinity | spill | cache | load | session | consistent_hash | round_robin | least_loaded | random
@@ -65,6 +65,7 @@ class PoolView(Protocol):
     work (router.workers.Worker), and the sums over the ring's workers."""
 
     ring: Ring
+    workers: dict[str, Worker]  # every worker, by name (those off the ring too)
     active: list[str]
     active_inflight: int
     max_inflight: int | None  # a worker at this many requests in flight is full (admission control)

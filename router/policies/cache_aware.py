@@ -96,17 +96,24 @@ class CacheAware:
         dw = self.decode_weight
         total_load, room = 0.0, False  # room: some worker has no prefill queued
         works: dict[str, tuple[Worker, float]] = {}  # the ring's workers: exactly the usable ones (router.workers)
+        workers = pool.workers
         for name in pool.active:
-            w = pool.worker(name)
-            work = w.work(dw)  # type: ignore[union-attr]
-            works[name] = (w, work)  # type: ignore[assignment]
+            w = workers[name]
+            queued = w.prefill + w.external_prefill
+            work = queued + dw * (w.context + w.external_context)  # Worker.work, inlined: once per worker
+            works[name] = (w, work)
             total_load += work
-            if not room and w.queued_prefill == 0:  # type: ignore[union-attr]
+            if not queued:
                 room = True
             if work < least_load:
                 least, least_load = name, work
         head = [order[i] for i in range(k)]  # the first k only: O(k), not a copy of the whole order
-        candidates = dict.fromkeys([*head, *depth, *((last,) if last is not None else ()), least])
+        candidates = dict.fromkeys(head)
+        if depth:
+            candidates.update(dict.fromkeys(depth))
+        if last is not None:
+            candidates[last] = None
+        candidates[least] = None
         # A spilled group's fan-out workers all come to hold what its requests share: count it as held there,
         # so its new requests spread over them by load.
         fan = set(head) if k > 1 else ()
@@ -118,29 +125,35 @@ class CacheAware:
         mean_load = total_load / n if n else 0.0
         now = self.rates.clock()
         pw = self.prefill_weight
-        pick, best, pick_hit = "", (math.inf, 0, 0.0), 0
-        full, full_best, full_hit = "", (math.inf, 0, 0.0), 0  # the best worker only admission's bound rules out
+        recent = self.recent.get
+        # Ties: fewest in flight; then fewest requests sent lately (`recent`, looked up only on a tie), but for a
+        # prompt seen nowhere, which an idle fleet places at its ring home in every router process.
+        pick, best_cost, best_inflight, pick_hit = "", math.inf, 0, 0
+        full, full_cost, full_inflight, full_hit = "", math.inf, 0, 0  # the best worker only admission rules out
         for name in candidates:
             entry = works.get(name)
             if entry is None:  # off the ring: unhealthy, draining or its breaker open
                 continue
             w, load = entry
-            if w.inflight + 1 > balance and room and load >= mean_load:
+            inflight = w.inflight
+            if inflight + 1 > balance and room and load >= mean_load:
                 continue
             blocks = seen if name in fan else depth.get(name, 0)
             hit = min(block_tokens[blocks - 1], most) if blocks else 0
             cost = load + pw * (total - hit)
-            if cost > best[0] or (cost == best[0] and w.inflight > best[1]):
+            if cost > best_cost or (cost == best_cost and inflight > best_inflight):
                 continue
-            # ties: fewest in flight; then fewest requests sent lately, but for a prompt seen nowhere, which
-            # an idle fleet places at its ring home in every router process
-            score = (cost, w.inflight, self.recent.get(name, now) if seen else 0.0)
             if not pool.admits(w, total - hit):
-                if score < full_best:
-                    full, full_best, full_hit = name, score, hit
-            elif score < best:
-                pick, best, pick_hit = name, score, hit
-        if hold and full and full_best < best:
+                if cost < full_cost or (cost == full_cost and (
+                        inflight < full_inflight or (inflight == full_inflight and seen
+                                                     and recent(name, now) < recent(full, now)))):
+                    full, full_cost, full_inflight, full_hit = name, cost, inflight, hit
+            elif cost < best_cost or inflight < best_inflight or (
+                    seen and pick and recent(name, now) < recent(pick, now)):
+                pick, best_cost, best_inflight, pick_hit = name, cost, inflight, hit
+        if hold and full and (full_cost, full_inflight) < (best_cost, best_inflight) or (
+                hold and full and (full_cost, full_inflight) == (best_cost, best_inflight) and seen
+                and recent(full, now) < recent(pick, now)):
             # Placing it elsewhere would recompute what the full worker holds, on a fleet that is out of room:
             # waiting for that worker's next free slot costs less.
             return Decision(full, "hold", order, 0, k, prefill=total - full_hit, context=total,
