@@ -150,12 +150,16 @@ def run_one(trace: Path, n: int, policy: str, speed: float, time_scale: float, a
         busy = [m.get("prefixroute_worker_busy_seconds_total", 0.0) for m in per]
         prompt = sum(m.get("prefixroute_worker_prompt_tokens_total", 0) for m in per)
         cached = sum(m.get("prefixroute_worker_cached_tokens_total", 0) for m in per)
+        simulated = sum(m.get("prefixroute_worker_simulated_busy_seconds_total", 0.0) for m in per)
         mean, busy_mean = sum(reqs) / n, sum(busy) / n
         return {"workers": n, "policy": policy, "load": None, "seed": None, "speed": speed, "time_scale": time_scale,
                 "git": git, **({"sglang_router": sglang_version()} if policy == "sglang" else {}),
                 "wall_s": wall, "hit_ratio": cached / prompt if prompt else 0.0,
                 "max_mean": max(reqs) / mean if mean else None,
                 "busy_max_mean": max(busy) / busy_mean if busy_mean else None,
+                # 1.0 when the sim's steps take the profile's time: below it, the live fleet is slower than the
+                # offline simulation's (a CPU that cannot keep up)
+                "sim_pace": simulated / (sum(busy) * time_scale) if sum(busy) else None,
                 "ttft_p50_s": summary.get("ttft_p50_s"), "ttft_p99_s": summary.get("ttft_p99_s"),
                 "requests": summary.get("requests"), "errors": summary.get("errors"),
                 "refused": summary.get("refused", 0),

@@ -96,10 +96,12 @@ def start_worker(*args: str, env: dict[str, str] | None = None, log: IO[bytes] |
     return url, proc
 
 
-def start_sim_workers(n: int, *args: str, log: IO[bytes] | None = None) -> tuple[list[str], subprocess.Popen]:
+def start_sim_workers(n: int, *args: str, log: IO[bytes] | None = None,
+                      tree: Path | None = None) -> tuple[list[str], subprocess.Popen]:
+    """`n` sim workers in one process; `tree`: another checkout's (a benchmark's baseline)."""
     base = free_port_block(n)
     proc = _spawn(["-m", "worker", "--backend", "sim", "--host", "127.0.0.1", "--port", str(base), "--replicas",
-                   str(n), *args], None, log)
+                   str(n), *args], None, log, tree)
     urls = [f"http://127.0.0.1:{base + i}" for i in range(n)]
     _started(urls, proc, 120)
     return urls, proc

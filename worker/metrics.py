@@ -41,6 +41,11 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily("prefixroute_worker_engine_steps", "Engine iterations", value=e.steps)
         yield CounterMetricFamily("prefixroute_worker_busy_seconds", "Wall seconds the engine spent in steps",
                                   value=e.busy_s)
+        simulated = getattr(e.runner, "busy_s", None)  # the sim backend's GPU time, from its cost model
+        if simulated is not None:
+            yield CounterMetricFamily("prefixroute_worker_simulated_busy_seconds",
+                                      "Sim backend: GPU seconds its cost model charged (busy seconds x speedup "
+                                      "when the sim keeps pace)", value=simulated)
 
 
 class WorkerMetrics:

@@ -10,6 +10,7 @@ exactly those of a worker with that much KV memory. Token counts come from the r
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch
 
 from protocol.modelfiles import load_tokenizer, resolve_model_path, served_name
 from worker.engine.loader import LoadedModel
+from worker.engine.sampling import SamplingParams
 from worker.engine.sequence import Sequence
 
 
@@ -75,18 +77,41 @@ class SimRunner:
         self._logits = torch.full((len(tok),), float("-inf"))
         self._logits[self.filler_id] = 0.0
         self.busy_s = 0.0  # simulated GPU time spent, for stats
-        self._owed = 0.0  # pending sleep of the current step
+        self._due: float | None = None  # when (perf_counter) the simulated GPU ends the work charged so far
 
     def stop_token_ids(self) -> frozenset[int]:
         eos = self.loaded.tokenizer.eos_token_id
         return frozenset([eos]) if eos is not None else frozenset()
 
     def _spend(self, seconds: float) -> None:
+        """Sleep until the simulated GPU would end this work. The clock runs on from the end of the previous
+        work, not from now: the engine's own Python between and within steps (and a thread's wait for the GIL
+        among many replicas in one process) is the step overhead the profile already charges, so it must not
+        add to it. Relative sleeps lost it, and 32 replicas in one process ran at 77% of the profile's speed
+        (docs/reliability.md). A lag past MAX_LAG_S (a CPU that cannot keep up) is dropped, not caught up."""
         self.busy_s += seconds
-        self._owed += seconds / self.speedup
-        if self._owed >= 0.0005:  # sleep in slices that time.sleep can honour
-            time.sleep(self._owed)
-            self._owed = 0.0
+        now = time.perf_counter()
+        due = self._due
+        if due is None or due < now - self.MAX_LAG_S:
+            due = now
+        due += seconds / self.speedup
+        self._due = due
+        if due - now >= 0.0005:  # sleeps that time.sleep can honour; shorter ones are owed to the next
+            time.sleep(due - now)
+
+    MAX_LAG_S = 0.1
+
+    def idle(self) -> None:
+        """The engine has nothing to run: the next work starts the simulated GPU's clock afresh."""
+        self._due = None
+
+    def sampler(self, params: SamplingParams) -> Callable[[torch.Tensor], int]:
+        """The filler token, which any sampling of the sim's logits picks (its only finite logit), without the
+        softmax over the vocabulary: that cost 88% of a 32-replica sim process's CPU under load."""
+        return self._filler
+
+    def _filler(self, logits: torch.Tensor) -> int:
+        return self.filler_id
 
     def forward(self, seq: Sequence, token_ids: list[int]) -> torch.Tensor:
         ctx = seq.num_computed

@@ -89,7 +89,8 @@ class CacheAware:
         group = keys.blocks[seen - 1].to_bytes(8, "little") if seen else keys.key
         order = pool.ring.order(group)
         n = len(order)
-        rate, share = self.rates.peek(group) if dry_run else self.rates.hit(group)
+        # A held decision changes no state: its request is counted once, when it is placed.
+        rate, share = self.rates.peek(group) if dry_run or hold else self.rates.hit(group)
         k = self.fanout(rate, share, n)
         last = self._session(keys.session) if keys.session is not None else None
         least, least_load = "", math.inf
@@ -158,6 +159,8 @@ class CacheAware:
             # waiting for that worker's next free slot costs less.
             return Decision(full, "hold", order, 0, k, prefill=total - full_hit, context=total,
                             candidates=list(candidates), hold=True)
+        if hold and not dry_run:
+            self.rates.hit(group)
         if not pick:  # every candidate is over the bound: the next ring worker under it
             pick = next((name for name in order if pool.inflight(name) + 1 <= balance
                          and pool.admits(pool.worker(name), total)), least)

@@ -143,11 +143,17 @@ def test_cache_aware_holds_for_a_full_worker_that_holds_the_prefix_only_when_ask
     home = policy.choose(doc, pool).worker
     pool.acquire(home)  # full now
     index_before = dict(policy.index.match(doc.blocks))
+    group = (3).to_bytes(8, "little")  # the deepest block seen before: the request's group
+    rate_before = policy.rates.rate(group)
     held = policy.choose(doc, pool, hold=True)
     assert held.hold and held.worker == home and held.reason == "hold"
-    assert policy.index.match(doc.blocks) == index_before  # a held decision counts nothing
+    # a held decision counts nothing: not in the index, nor in its group's rate (its request is asked about
+    # again when a slot frees, and counted once, when placed)
+    assert policy.index.match(doc.blocks) == index_before
+    assert policy.rates.rate(group) == rate_before
     moved = policy.choose(doc, pool)  # may not wait: the worker with room, which must compute the prefix
     assert not moved.hold and moved.worker != home
+    assert policy.rates.rate(group) == rate_before + 60.0 / policy.rates.window_s
     other = next(n for n in pool.active if n != home)
     pool.acquire(other)
     pool.release(home)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
 from protocol.modelfiles import default_model_path
 from worker.engine.engine import Engine, EngineConfig
-from worker.engine.sampling import SamplingParams
+from worker.engine.sampling import Sampler, SamplingParams
 from worker.engine.sequence import Sequence
+from worker.metrics import WorkerMetrics
 from worker.sim import GpuProfile, SimRunner, load_sim
 
 
@@ -121,3 +123,65 @@ def test_build_sim_replicas_and_cache_in_tokens():
     e = servers[0].engine
     assert e.cache.capacity_bytes // e.runner.kv_bytes_per_token == 1000
     assert e.config.max_num_seqs == 256 and servers[0].engine is not servers[1].engine
+
+
+def test_the_sim_clock_runs_on_from_the_previous_work_so_the_engines_own_time_does_not_add_to_it(loaded):
+    """Between and within steps the engine spends CPU time of its own (scheduling, sampling, a wait for the GIL
+    among 32 replicas in one process). A GPU's step overhead is already in the profile, so the sim must absorb
+    that time, not add it: 20 decode steps with 4 ms of work between them take the charged time, where sleeping
+    each charge afresh took ~60% longer. After `idle()` the clock restarts: a pause is not credited."""
+    runner = SimRunner(loaded, GpuProfile(), speedup=1.0)
+    seq = Sequence(list(range(1000, 1100)), SamplingParams(max_tokens=4, temperature=0.0), None, lambda ev: None)
+    seq.num_computed = 100
+    t0, charged0 = time.perf_counter(), runner.busy_s
+    for _ in range(20):
+        end = time.perf_counter() + 0.004
+        while time.perf_counter() < end:  # the engine's own Python, on the CPU
+            pass
+        runner.decode([seq])
+    wall, charged = time.perf_counter() - t0, runner.busy_s - charged0
+    assert 0.1 < charged < 0.15  # 20 x (1.5 ms overhead + 4.8 ms weights + context)
+    assert charged <= wall < 1.3 * charged
+
+    runner.idle()
+    time.sleep(0.05)
+    t0 = time.perf_counter()
+    runner.forward(seq, list(range(40)))  # 1.5 ms + 40 tokens at 18k/s: ~3.7 ms
+    assert time.perf_counter() - t0 >= 0.95 * (runner.busy_s - charged)
+
+
+def test_the_engine_tells_the_sim_when_it_runs_out_of_work(loaded):
+    runner = SimRunner(loaded, GpuProfile(), speedup=100.0)
+    engine = Engine(runner, EngineConfig(block_size=16, cache_bytes=1 << 30))
+    engine.start()
+    try:
+        run(engine, list(range(1000, 1100)), max_tokens=2)
+        deadline = time.monotonic() + 5
+        while runner._due is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert runner._due is None
+    finally:
+        engine.stop()
+
+
+def test_the_sim_samples_its_filler_token_without_a_softmax_over_the_vocabulary(loaded):
+    """Any sampling of the sim's logits picks the filler (its only finite logit): the sim's sampler returns it
+    at once, as the real sampler would."""
+    runner = SimRunner(loaded, GpuProfile(), speedup=1e6)
+    seq = Sequence(list(range(1000, 1010)), SamplingParams(max_tokens=1), None, lambda ev: None)
+    logits = runner.forward(seq, seq.prompt_ids)
+    for params in (SamplingParams(max_tokens=1, temperature=0.0), SamplingParams(max_tokens=1, temperature=0.7,
+                                                                                  top_p=0.5, top_k=5, seed=3)):
+        assert runner.sampler(params)(logits) == Sampler(params, runner.device)(logits) == runner.filler_id
+
+
+def test_the_sim_reports_its_simulated_gpu_seconds(loaded):
+    runner = SimRunner(loaded, GpuProfile(), speedup=1e6)
+    engine = Engine(runner, EngineConfig(block_size=16, cache_bytes=1 << 30))
+    engine.start()
+    try:
+        run(engine, list(range(1000, 1300)), max_tokens=3)
+        value = WorkerMetrics(engine).registry.get_sample_value("prefixroute_worker_simulated_busy_seconds_total")
+        assert value == runner.busy_s > 0
+    finally:
+        engine.stop()

@@ -21,7 +21,6 @@ import torch
 
 from worker.engine.cache import BlockCache
 from worker.engine.runner import Runner
-from worker.engine.sampling import Sampler
 from worker.engine.scheduler import Scheduler
 from worker.engine.sequence import Sequence, Status, TextState
 
@@ -111,6 +110,7 @@ class Engine:
         while not self._stopped.is_set():
             self._drain_inbox()
             if not len(self.scheduler):
+                self.runner.idle()
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
@@ -183,7 +183,7 @@ class Engine:
         if not resumed:
             self.cache.record_lookup(seq.num_prompt, seq.num_computed)
             seq.num_cached_tokens = seq.num_computed
-            seq.sampler = Sampler(seq.params, self.runner.device)
+            seq.sampler = self.runner.sampler(seq.params)
             seq.text = TextState(self._decode, seq.params.stop)
         return True
 

@@ -17,6 +17,7 @@ import torch
 from worker.engine.attention import ATTN_IMPLEMENTATION, build_step
 from worker.engine.loader import LoadedModel
 from worker.engine.pages import KVPages, PagePool
+from worker.engine.sampling import Sampler, SamplingParams
 from worker.engine.sequence import Sequence
 
 
@@ -43,6 +44,8 @@ class Runner(Protocol):
     def replace(self, seq: Sequence, index: int, payload: Any) -> None: ...
     def forward(self, seq: Sequence, token_ids: list[int]) -> torch.Tensor: ...
     def decode(self, seqs: Seq[Sequence]) -> list[torch.Tensor]: ...
+    def idle(self) -> None: ...  # the engine has run out of work (the sim's clock restarts)
+    def sampler(self, params: SamplingParams) -> Callable[[torch.Tensor], int]: ...  # a new sequence's
 
 
 class ModelRunner:
@@ -145,6 +148,12 @@ class ModelRunner:
         if len(seqs) > 1:
             self.batched_steps += 1
         return list(self._run(seqs, [[s.output_ids[-1]] for s in seqs]).unbind(0))
+
+    def idle(self) -> None:
+        pass
+
+    def sampler(self, params: SamplingParams) -> Sampler:
+        return Sampler(params, self.device)
 
     def _run(self, seqs: Seq[Sequence], token_ids: list[list[int]]) -> torch.Tensor:
         q = len(token_ids[0])
