@@ -150,13 +150,17 @@ class Admission:
         if self.has_room() and not self._waiters:
             return deadline
         loop = asyncio.get_running_loop()
+        woken = False
         while True:
             remaining = deadline - self.clock()
             if len(self._waiters) >= self.max_waiting or remaining <= 0:
                 self._refuse("queue_full")
                 raise too_many("Every worker is at its queue limit; retry shortly.", 1, "queue_full")
             fut = loop.create_future()
-            self._waiters.append(fut)
+            if woken:  # woken first and found no room (another took it): it stays first
+                self._waiters.appendleft(fut)
+            else:
+                self._waiters.append(fut)
             try:
                 async with asyncio.timeout(remaining):  # not wait_for: on 3.11 it swallows a cancel once fut is done
                     await fut
@@ -171,6 +175,7 @@ class Admission:
             self._take(fut)  # from here to the request's placement nothing awaits: the slot is this request's
             if self.has_room():
                 return deadline
+            woken = fut.done() and not fut.cancelled()
 
     async def wait_for_worker(self, name: str, deadline: float, prefill: int = 0) -> bool:
         """A held decision: wait (FIFO among those waiting for this worker) until `name` has room for a request
@@ -240,6 +245,10 @@ class Admission:
         arriving meanwhile took the slot, sent the waiter to the back of its queue and, for a held request,
         most often to a refusal (live over 8,000 requests at 32 workers, against the offline simulation,
         which hands the slot over at once)."""
+        if worker is None and not self.has_room():
+            # Nothing was freed (a request refused, or failed, before it reached a worker): waking the first
+            # waiter would find no room and, before, sent it to the back of the queue, behind newer requests.
+            return
         w = self.pool.workers.get(worker) if worker is not None else None
         for queue in ((self._held.get(worker), self._waiters) if worker is not None else (self._waiters,)):
             while queue:
