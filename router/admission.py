@@ -19,7 +19,7 @@ from protocol.errors import APIError
 from router.settings import RouterSettings, TenantConfig
 from router.workers import Worker, WorkerPool
 
-REASONS = ("queue_full", "tenant_concurrency", "tenant_requests", "tenant_tokens")
+REASONS = ("queue_full", "worker_full", "tenant_concurrency", "tenant_requests", "tenant_tokens")
 
 
 class TokenBucket:
@@ -234,9 +234,11 @@ class Admission:
     def refuse_held(self) -> APIError:
         """A held request whose worker stayed full for the whole wait, on a saturated fleet: placing it elsewhere
         would spend GPU time recomputing its prefix that the fleet does not have, so it is refused like a
-        request that found no room (and retried by its client after Retry-After)."""
-        self._refuse("queue_full")
-        return too_many("Every worker is at its queue limit; retry shortly.", 1, "queue_full")
+        request that found no room (and retried by its client after Retry-After); its reason, `worker_full`,
+        tells the two apart in the metrics."""
+        self._refuse("worker_full")
+        return too_many("The worker that caches this prompt's prefix stayed at its queue limit; retry shortly.", 1,
+                        "worker_full")
 
     def released(self, worker: str | None = None) -> None:
         """A request ended (on `worker`, when known): the first request held for that worker, else the first

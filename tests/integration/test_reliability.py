@@ -243,10 +243,12 @@ def test_a_request_waits_for_the_full_worker_that_holds_its_prefix_then_is_refus
                     assert r.status_code == 200 and r.headers["x-prefixroute-worker"] == home, r.text
                     assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
                 else:  # the worker stayed full for the whole wait: refused rather than recomputed elsewhere
-                    assert r.status_code == 429 and r.headers["x-prefixroute-refused"] == "queue_full", r.text
+                    assert r.status_code == 429 and r.headers["x-prefixroute-refused"] == "worker_full", r.text
+                    assert r.json()["error"]["code"] == "rate_limit_exceeded" and "Retry-After" in r.headers
                     assert 1.3 < waited < 2.8
             metrics = c.get(router + "/metrics").text
         assert "prefixroute_router_admission_held_total 2.0" in metrics
+        assert 'prefixroute_router_admission_rejected_total{reason="worker_full"} 1.0' in metrics
     finally:
         stop_process(rproc)
         stop_process(wproc)
