@@ -145,6 +145,8 @@ def run_one(trace: Path, n: int, policy: str, speed: float, time_scale: float, a
                        stderr=subprocess.STDOUT, timeout=args.run_timeout)
         wall = time.time() - t0
         summary = json.loads((out / "summary.json").read_text())
+        # The router's own accounting once every request has ended: nothing should be left in flight or waiting.
+        left = scrape(router) if policy != "sglang" else {}
         per = [scrape(u) for u in urls]
         reqs = [m.get("prefixroute_worker_requests_total", 0.0) for m in per]
         busy = [m.get("prefixroute_worker_busy_seconds_total", 0.0) for m in per]
@@ -160,6 +162,10 @@ def run_one(trace: Path, n: int, policy: str, speed: float, time_scale: float, a
                 # 1.0 when the sim's steps take the profile's time: below it, the live fleet is slower than the
                 # offline simulation's (a CPU that cannot keep up)
                 "sim_pace": simulated / (sum(busy) * time_scale) if sum(busy) else None,
+                "router_inflight_after": left.get("prefixroute_router_inflight"),
+                "router_queued_prefill_after": left.get("prefixroute_router_queued_prefill_tokens"),
+                "router_waiting_after": left.get("prefixroute_router_admission_waiting"),
+                "router_held": left.get("prefixroute_router_admission_held_total"),
                 "ttft_p50_s": summary.get("ttft_p50_s"), "ttft_p99_s": summary.get("ttft_p99_s"),
                 "requests": summary.get("requests"), "errors": summary.get("errors"),
                 "refused": summary.get("refused", 0),
