@@ -132,27 +132,37 @@ def test_router_queue_waits_for_a_slot_in_order_and_refuses_past_its_wait():
     asyncio.run(run())
 
 
+async def two_waiters() -> tuple[Admission, WorkerPool, asyncio.Task, asyncio.Task]:
+    """Every worker full (one slot each); `first`, then `second`, waiting in the router's queue."""
+    a, pool = admission(max_queue=1, wait_s=5, max_waiting=8)
+    for n in pool.active:
+        pool.acquire(n)
+    first = asyncio.create_task(a.wait_for_room())
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(a.wait_for_room())
+    await asyncio.sleep(0.01)
+    return a, pool, first, second
+
+
+async def next_slot_goes_to_first(a: Admission, pool: WorkerPool, first: asyncio.Task, second: asyncio.Task) -> None:
+    worker = pool.active[0]
+    pool.release(worker)
+    a.released(worker)
+    await asyncio.sleep(0.01)
+    assert first.done() and not second.done()
+    second.cancel()
+
+
 def test_a_request_refused_before_any_worker_does_not_send_the_first_waiter_to_the_back():
     """The router calls `released` as every request leaves, refused ones included. One that never reached a
     worker freed nothing: the first waiter must stay first, and take the next slot that frees. Before, it was
     woken, found no room and queued again behind the newer waiter, which then took that slot."""
     async def run():
-        a, pool = admission(max_queue=1, wait_s=5, max_waiting=8)
-        for n in pool.active:
-            pool.acquire(n)
-        first = asyncio.create_task(a.wait_for_room())
-        await asyncio.sleep(0.01)
-        second = asyncio.create_task(a.wait_for_room())
-        await asyncio.sleep(0.01)
+        a, pool, first, second = await two_waiters()
         a.released(None)  # a request refused (429) before it reached any worker
         await asyncio.sleep(0.01)
         assert not first.done() and not second.done() and a.waiting == 2
-        worker = pool.active[0]
-        pool.release(worker)
-        a.released(worker)
-        await asyncio.sleep(0.01)
-        assert first.done() and not second.done()
-        second.cancel()
+        await next_slot_goes_to_first(a, pool, first, second)
 
     asyncio.run(run())
 
@@ -162,24 +172,14 @@ def test_a_woken_waiter_that_finds_its_slot_taken_stays_first():
     taken by a request that arrived before it resumed: it waits again at the head of the queue, not behind the
     waiters that came after it."""
     async def run():
-        a, pool = admission(max_queue=1, wait_s=5, max_waiting=8)
-        for n in pool.active:
-            pool.acquire(n)
-        first = asyncio.create_task(a.wait_for_room())
-        await asyncio.sleep(0.01)
-        second = asyncio.create_task(a.wait_for_room())
-        await asyncio.sleep(0.01)
+        a, pool, first, second = await two_waiters()
         worker = pool.active[0]
         pool.release(worker)
         a.released(None)  # wakes `first`, with no slot reserved
         pool.acquire(worker)  # a request arriving before `first` resumes takes the slot
         await asyncio.sleep(0.01)
         assert not first.done() and a.waiting == 2
-        pool.release(worker)
-        a.released(worker)
-        await asyncio.sleep(0.01)
-        assert first.done() and not second.done()
-        second.cancel()
+        await next_slot_goes_to_first(a, pool, first, second)
 
     asyncio.run(run())
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -150,18 +152,24 @@ def test_the_sim_clock_runs_on_from_the_previous_work_so_the_engines_own_time_do
     assert time.perf_counter() - t0 >= 0.95 * (runner.busy_s - charged)
 
 
-def test_the_engine_tells_the_sim_when_it_runs_out_of_work(loaded):
-    runner = SimRunner(loaded, GpuProfile(), speedup=100.0)
+@contextmanager
+def running(runner: SimRunner) -> Iterator[Engine]:
     engine = Engine(runner, EngineConfig(block_size=16, cache_bytes=1 << 30))
     engine.start()
     try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+def test_the_engine_tells_the_sim_when_it_runs_out_of_work(loaded):
+    runner = SimRunner(loaded, GpuProfile(), speedup=100.0)
+    with running(runner) as engine:
         run(engine, list(range(1000, 1100)), max_tokens=2)
         deadline = time.monotonic() + 5
         while runner._due is not None and time.monotonic() < deadline:
             time.sleep(0.01)
         assert runner._due is None
-    finally:
-        engine.stop()
 
 
 def test_the_sim_samples_its_filler_token_without_a_softmax_over_the_vocabulary(loaded):
@@ -177,11 +185,7 @@ def test_the_sim_samples_its_filler_token_without_a_softmax_over_the_vocabulary(
 
 def test_the_sim_reports_its_simulated_gpu_seconds(loaded):
     runner = SimRunner(loaded, GpuProfile(), speedup=1e6)
-    engine = Engine(runner, EngineConfig(block_size=16, cache_bytes=1 << 30))
-    engine.start()
-    try:
+    with running(runner) as engine:
         run(engine, list(range(1000, 1300)), max_tokens=3)
         value = WorkerMetrics(engine).registry.get_sample_value("prefixroute_worker_simulated_busy_seconds_total")
         assert value == runner.busy_s > 0
-    finally:
-        engine.stop()
