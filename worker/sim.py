@@ -61,6 +61,8 @@ PROFILES = {p.name: p for p in (GpuProfile(),)}
 class SimRunner:
     """Duck-types ModelRunner for the engine; time passes `speedup` times faster than on the real GPU."""
 
+    MAX_LAG_S = 0.1  # wall seconds the simulated clock may run behind before it is reset to now
+
     def __init__(self, loaded: LoadedModel, profile: GpuProfile, speedup: float = 1.0, token_scale: float = 1.0,
                  filler: str = " the"):
         self.loaded = loaded
@@ -87,8 +89,8 @@ class SimRunner:
         """Sleep until the simulated GPU would end this work. The clock runs on from the end of the previous
         work, not from now: the engine's own Python between and within steps (and a thread's wait for the GIL
         among many replicas in one process) is the step overhead the profile already charges, so it must not
-        add to it. Relative sleeps lost it, and 32 replicas in one process ran at 77% of the profile's speed
-        (docs/reliability.md). A lag past MAX_LAG_S (a CPU that cannot keep up) is dropped, not caught up."""
+        add to it, as relative sleeps did (docs/benchmarks/sim_pace). A lag past MAX_LAG_S (a CPU that cannot
+        keep up) is dropped, not caught up."""
         self.busy_s += seconds
         now = time.perf_counter()
         due = self._due
@@ -98,8 +100,6 @@ class SimRunner:
         self._due = due
         if due - now >= 0.0005:  # sleeps that time.sleep can honour; shorter ones are owed to the next
             time.sleep(due - now)
-
-    MAX_LAG_S = 0.1
 
     def idle(self) -> None:
         """The engine has nothing to run: the next work starts the simulated GPU's clock afresh."""
