@@ -21,7 +21,6 @@ import asyncio
 import json
 import platform
 import random
-import re
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,9 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from routing_quality import scrape  # noqa: E402
+
 from harness.procs import start_sim_workers, stop_process  # noqa: E402
 from harness.results import publish  # noqa: E402
 
@@ -40,14 +42,10 @@ METRICS = {"busy": "prefixroute_worker_busy_seconds_total",
            "completions": "prefixroute_worker_requests_total", "tokens": "prefixroute_worker_generation_tokens_total"}
 
 
-async def scrape(session: aiohttp.ClientSession, urls: list[str]) -> dict[str, float]:
-    tot = dict.fromkeys(METRICS, 0.0)
-    for u in urls:
-        async with session.get(u + "/metrics") as r:
-            text = await r.text()
-        for k, name in METRICS.items():
-            tot[k] += sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
-    return tot
+async def totals(urls: list[str]) -> dict[str, float]:
+    """METRICS summed over the workers (routing_quality's scrape, off the event loop the streams run on)."""
+    per = await asyncio.gather(*(asyncio.to_thread(scrape, u) for u in urls))
+    return {k: sum(m.get(name, 0.0) for m in per) for k, name in METRICS.items()}
 
 
 async def drive(urls: list[str], model: str, concurrency: int, seconds: float, rnd: random.Random) -> dict:
@@ -62,9 +60,9 @@ async def drive(urls: list[str], model: str, concurrency: int, seconds: float, r
 
         tasks = [asyncio.create_task(client(u)) for u in urls for _ in range(concurrency)]
         await asyncio.sleep(5)  # warm-up: every engine busy
-        a, t0 = await scrape(s, urls), time.monotonic()
+        a, t0 = await totals(urls), time.monotonic()
         await asyncio.sleep(seconds)
-        b, t1 = await scrape(s, urls), time.monotonic()
+        b, t1 = await totals(urls), time.monotonic()
         stop = True
         await asyncio.wait(tasks, timeout=120)
         for t in tasks:
