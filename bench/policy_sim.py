@@ -12,6 +12,7 @@ key mapping of earlier results. With several seeds each table cell reads `median
 
   python bench/policy_sim.py --workers 8 32 --loads 0.5 1 2 --seeds 0 1 2
   python bench/policy_sim.py --workers 32 --loads 2 --policies cache_aware --set load_factor=1.1 --per-worker
+  python bench/policy_sim.py --shape hotdoc --max-requests 1200 --shape-seed 1 --shape-set hot_share=0.2
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ def main() -> int:
     p.add_argument("--trace", type=Path, default=fs.TRACE)
     p.add_argument("--shape", choices=["longdoc", "hotdoc"],
                    help="instead of --trace: a synthetic shape (loadgen.shapes, seed 0) of --max-requests lines")
+    p.add_argument("--shape-seed", type=int, default=0, help="the synthetic shape's seed")
+    p.add_argument("--shape-set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="the synthetic shape's parameters (loadgen.shapes.ShapeParams, JSON values): hot_share=0.2")
     p.add_argument("--workers", type=int, nargs="+", default=[8, 32])
     p.add_argument("--policies", nargs="+", default=["cache_aware", "round_robin", "least_loaded", "random"])
     p.add_argument("--loads", type=float, nargs="+", default=[0.5, 1.0, 2.0])
@@ -115,10 +119,12 @@ def main() -> int:
     args = p.parse_args()
     seeds = list(dict.fromkeys(args.seed + args.seeds)) or [0]
     if args.shape:
-        from loadgen.shapes import trace_file
+        from loadgen.shapes import ShapeParams, generate
 
-        args.trace = trace_file(args.shape, args.max_requests or 1200)
-    reqs = fs.load_trace(args.trace, args.max_requests)
+        shape = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.shape_set)}
+        reqs = generate(args.shape, ShapeParams(requests=args.max_requests or 1200, **shape), args.shape_seed)
+    else:
+        reqs = fs.load_trace(args.trace, args.max_requests)
     overrides = dict(kv.split("=", 1) for kv in args.set)
     profile = GpuProfile()
     per_worker = fs.per_worker_blocks(profile)

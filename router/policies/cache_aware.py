@@ -12,9 +12,13 @@ worker is expected to hold of its prompt and the work already queued there.
   (except for a prompt seen nowhere), then ring order.
 - Group: the prompt's longest prefix seen before (a shared system prompt or document, or a conversation's
   previous turn); a prompt seen nowhere is its own group, named by its routing key. The group's rate over 60 s
-  gives its fan-out: k = 1 at or below R requests/minute, else k = max(ceil(rate / R), ceil(N x share))
-  workers in ring order from the group's home; those k count as holding what the group shares, so a hot group's
-  new requests spread over them by load, while a quiet one stays where it is cached.
+  decides whether it spills: k = 1 at or below R requests/minute, else its fair share of the fleet, k =
+  max(2, ceil(N x share)) workers in ring order from the group's home; those k count as holding what the group
+  shares, so a hot group's new requests spread over them by load, while a quiet one stays where it is cached.
+  The width is the group's share, not its rate over R: each worker it spreads to computes its prefix once,
+  and a group with half the traffic needs half the fleet, not all of it (a document carrying half the requests
+  at 32 workers 1x: 95.5% of pooled against 93.7% when it spread over the whole fleet, offline;
+  docs/benchmarks/fanout/).
 - Candidates: the group's k ring workers, the workers holding a prefix of the prompt, the worker of the client's
   explicit session (prompt_cache_key, user, x-session-id), and the least-loaded worker of the fleet. A prompt
   cached nowhere costs the same prefill everywhere: it goes to the least-loaded worker (its ring home when loads
@@ -72,7 +76,7 @@ class CacheAware:
     def fanout(self, rate: float, share: float, n: int) -> int:
         if rate <= self.R or n <= 1:
             return 1
-        return min(n, max(math.ceil(rate / self.R), math.ceil(n * share)))
+        return min(n, max(2, math.ceil(n * share)))
 
     def load(self, pool: PoolView, name: str) -> float:
         w = pool.worker(name)

@@ -78,24 +78,51 @@ def test_removing_one_worker_moves_few_keys(n, data):
     assert all(b == a for a, b in zip(before, after) if a != gone)  # only the removed worker's keys move
 
 
-def test_spill_fanout_grows_with_rate_and_shrinks_back():
-    clock = Clock()
-    policy = CacheAware(spill_rpm=15, rates=RateTable(window_s=60, clock=clock))
-    pool = pool_of(16)
-    other = 0
-    fanouts = []
-    for rpm in (10, 40, 100, 200):  # one minute at each rate, with background keys so share stays small
-        for j in range(rpm):
+def test_spill_fanout_is_the_keys_fair_share_and_shrinks_back():
+    """Past R requests/minute a key spills over its fair share of the fleet, max(2, ceil(N x share)) workers,
+    whatever its rate: each worker it spreads to computes its prefix once."""
+    n = 16
+    pool = pool_of(n)
+    seen = []
+    for background, want in ((0, 1), (15, 2), (3, 4), (1, 8), (0, 16)):
+        clock = Clock()
+        policy = CacheAware(spill_rpm=15, rates=RateTable(window_s=60, clock=clock))
+        rpm = 10 if want == 1 else 120  # at or below R: home; above it, the share decides how far
+        other = 0
+        for j in range(rpm):  # one minute at this rate; `background` other keys' requests per request of the key
             clock.t += 60 / rpm
-            d = policy.choose(keys(1, session=j), pool)
-            for _ in range(3):
+            for _ in range(background):
                 other += 1
                 policy.choose(keys(10_000 + other), pool)
-        fanouts.append(d.fanout)
-    assert fanouts[0] == 1 and fanouts == sorted(fanouts) and fanouts[-1] >= math.ceil(200 / 15) - 1
+            d = policy.choose(keys(1, session=j), pool)
+        share = rpm / (rpm * (1 + background))
+        assert d.fanout == want == (1 if rpm <= 15 else max(2, math.ceil(n * share)))
+        seen.append(d.fanout)
+    assert seen == sorted(seen)
     clock.t += 120  # the key goes quiet: its window empties and it is home again
     d = policy.choose(keys(1), pool)
     assert d.fanout == 1 and d.worker == pool.ring.order(keys(1).key)[0]
+
+
+def test_a_document_with_half_the_traffic_is_computed_on_half_the_fleet():
+    """A hot document with half the requests at 32 workers: its group spills over 16 workers, not 32, so 16
+    workers compute it, and each of its requests after that is a hit on its worker."""
+    clock = Clock()
+    policy = CacheAware(rates=RateTable(clock=clock))
+    pool = pool_of(32)
+    hot_workers = set()
+    for i in range(1200):  # 1,200 requests/minute: every other one on the document (blocks 7, 8)
+        clock.t += 0.05
+        if i % 2:
+            d = policy.choose(req([7, 8, 10_000 + i]), pool)
+            hot_workers.add(d.worker)
+        else:
+            d = policy.choose(req([20_000 + i, 30_000 + i]), pool)
+        pool.acquire(d.worker, d.prefill, d.context)
+        pool.release(d.worker, d.prefill, d.context)
+    assert d is not None and len(hot_workers) <= 17  # its 16 fan-out workers, and the first request's home
+    hot = policy.choose(req([7, 8, 99_999]), pool, dry_run=True)
+    assert hot.fanout == 16 and hot.prefill == 512  # only its own question is computed
 
 
 @settings(max_examples=15, deadline=None)
