@@ -117,10 +117,8 @@ def test_a_document_with_half_the_traffic_is_computed_on_half_the_fleet():
             d = policy.choose(req([7, 8, 10_000 + i]), pool)
             hot_workers.add(d.worker)
         else:
-            d = policy.choose(req([20_000 + i, 30_000 + i]), pool)
-        pool.acquire(d.worker, d.prefill, d.context)
-        pool.release(d.worker, d.prefill, d.context)
-    assert d is not None and len(hot_workers) <= 17  # its 16 fan-out workers, and the first request's home
+            policy.choose(req([20_000 + i, 30_000 + i]), pool)
+    assert len(hot_workers) <= 17  # its 16 fan-out workers, and the first request's home
     hot = policy.choose(req([7, 8, 99_999]), pool, dry_run=True)
     assert hot.fanout == 16 and hot.prefill == 512  # only its own question is computed
 
