@@ -135,7 +135,16 @@ class DecayedCounts:
 
     def get(self, name: str, now: float) -> float:
         v = self._v.get(name)
-        return v[0] * math.exp((v[1] - now) / self.tau_s) if v else 0.0
+        if v is None:
+            return 0.0
+        value, at = v
+        # `at` may be ahead of `now`: another router replica's record, from a clock ahead of this one's. Counts
+        # never grow backwards in time (exp of hours / tau overflows).
+        return value * math.exp((at - now) / self.tau_s) if now > at else value
 
     def add(self, name: str, now: float, n: float = 1.0) -> None:
-        self._v[name] = (self.get(name, now) + n, now)
+        v = self._v.get(name)
+        if v is not None and now < v[1]:  # a late record: add it decayed to the newer time
+            self._v[name] = (v[0] + n * math.exp((now - v[1]) / self.tau_s), v[1])
+        else:
+            self._v[name] = (self.get(name, now) + n, now)

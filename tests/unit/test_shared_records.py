@@ -72,3 +72,19 @@ def test_an_idle_session_stops_pinning_its_worker():
     newer = p.sessions[req([7], session=3).session]
     p.apply(DecisionRecord(clock.t - 700, "http://127.0.0.1:9001", b"g", [99], [16], req([7], session=3).session))
     assert p.sessions[req([7], session=3).session] == newer
+
+
+def test_records_from_a_skewed_clock_neither_crash_nor_inflate_decisions():
+    """Router replicas' clocks differ: a record 12 h ahead or behind this replica's clock is applied, and the
+    next decisions still run and weigh it as at most one request."""
+    clock = Clock()
+    pool = pool_of(4)
+    p = policy(clock)
+    first = p.choose(req([1, 2], key=1), pool).worker
+    p.apply(DecisionRecord(clock.t + 12 * 3600, first, b"g", [5], [16], None))
+    p.apply(DecisionRecord(clock.t - 12 * 3600, first, b"h", [6], [16], None))
+    assert p.recent.get(first, clock.t) <= 3.0
+    for i in range(20):  # ties on a seen prefix consult the decayed counts
+        p.choose(req([1, 2, 100 + i], key=1), pool)
+        clock.t += 1
+    assert 0 < p.recent.get(first, clock.t) < 30
