@@ -133,10 +133,14 @@ class Proxy:
                 headers = {"x-prefixroute-worker": name, "x-prefixroute-route": route, **extra_headers}
                 tail: list[bytes] | None = [] if self.on_usage is not None and w.engine not in (PREFIXROUTE, None) \
                     and up.status == 200 else None
-                resp = await self._relay(request, name, up, headers, pending, first, tail)
+                try:
+                    resp = await self._relay(request, name, up, headers, pending, first, tail)
+                finally:
+                    # Also when the handler is cancelled: a client that closes on [DONE] may do so before the
+                    # worker's end of stream reaches the router, and the usage it was sent still counts.
+                    if tail:
+                        self._count_usage(tail, upstream_headers or {})
                 self.metrics.requests.labels(route, name, str(up.status)).inc()
-                if tail:
-                    self._count_usage(tail, upstream_headers or {})
                 return resp
             except asyncio.CancelledError:
                 if not self._cut():
@@ -206,12 +210,11 @@ class Proxy:
             if tail is None:
                 while chunk := await up.readany():
                     await out.write(chunk)
-            else:
-                last = first
+            else:  # tail[0]: the stream's last bytes so far, whatever ends the relay
+                tail.append(first)
                 while chunk := await up.readany():
+                    tail[0] = tail[0][-4096:] + chunk if len(chunk) < 4096 else chunk
                     await out.write(chunk)
-                    last = last[-4096:] + chunk if len(chunk) < 4096 else chunk
-                tail.append(last)
         except ConnectionResetError:
             return out  # the client left; closing the upstream connection makes the worker abort the request
         except (UpstreamError, asyncio.CancelledError) as exc:

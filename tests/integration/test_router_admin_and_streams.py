@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 import httpx
 import pytest
@@ -86,6 +87,61 @@ def test_a_stream_broken_after_bytes_went_out_is_not_retried():
         stop_process(proc)
         for f in fakes:
             f.stop()
+
+
+class HoldsAfterDone(BreaksMidStream):
+    """Another engine (no prefixroute /health, no metrics: the router counts its usage itself) whose stream sends
+    its usage event and [DONE], then keeps the connection open for 30 s before its end of stream, as a worker
+    busy elsewhere may. A fake because no real engine can be made to delay its end of stream on cue."""
+
+    async def _start(self) -> str:
+        app = web.Application()
+        app.router.add_get("/health", lambda r: web.Response(status=200))
+        app.router.add_get("/v1/models", lambda r: web.json_response(
+            {"object": "list", "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "fake"}]}))
+        app.router.add_post("/v1/chat/completions", self._hold_after_done)
+        self.runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        return f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+
+    async def _hold_after_done(self, request: web.Request) -> web.StreamResponse:
+        self.posts += 1
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        base = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": MODEL}
+        await resp.write(b"data: " + json.dumps({**base, "choices": [
+            {"index": 0, "delta": {"content": "Hi"}, "finish_reason": "stop"}]}).encode() + b"\n\n")
+        await resp.write(b"data: " + json.dumps({**base, "choices": [], "usage": {
+            "prompt_tokens": 77, "completion_tokens": 1, "total_tokens": 78,
+            "prompt_tokens_details": {"cached_tokens": 64}}}).encode() + b"\n\ndata: [DONE]\n\n")
+        await asyncio.sleep(30)
+        return resp
+
+
+def test_a_streams_usage_counts_when_the_client_leaves_on_done_before_the_end_of_stream():
+    fake = HoldsAfterDone()
+    url, proc = start_router([fake.url])
+    try:
+        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as resp:
+            assert resp.status_code == 200
+            for line in resp.iter_lines():
+                if line == "data: [DONE]":
+                    break  # the client is done and closes, as the openai SDK does
+        metric = 'prefixroute_worker_tenant_prompt_tokens_total{prefix_version="none",tenant="open"}'  # no tenants
+        deadline, counted = time.monotonic() + 5, None
+        while counted is None and time.monotonic() < deadline:
+            for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+                if line.startswith(metric):
+                    counted = float(line.split()[-1])
+            time.sleep(0.2)
+        assert counted == 77  # counted once, seconds before the worker's stream would have ended
+    finally:
+        stop_process(proc)
+        fake.stop()
 
 
 ADMIN = {"Authorization": "Bearer adm"}
