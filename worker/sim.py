@@ -113,15 +113,22 @@ class SimRunner:
     def _filler(self, logits: torch.Tensor) -> int:
         return self.filler_id
 
+    def _real(self, seq: Sequence, n: int) -> int:
+        """The real tokens the first n of the sequence's tokens stand for: each prompt token `scale` of them (a
+        trace's block cut short), each generated token one (the answer is not scaled: max_tokens is real)."""
+        p = seq.num_prompt
+        return int(min(n, p) * self.scale) + max(0, n - p)
+
     def forward(self, seq: Sequence, token_ids: list[int]) -> torch.Tensor:
         ctx = seq.num_computed
-        self._spend(self.profile.step_overhead_s + self.profile.prefill_s(int(len(token_ids) * self.scale),
-                                                                          int(ctx * self.scale)))
+        real_ctx = self._real(seq, ctx)
+        self._spend(self.profile.step_overhead_s + self.profile.prefill_s(
+            self._real(seq, ctx + len(token_ids)) - real_ctx, real_ctx))
         seq.num_computed += len(token_ids)
         return self._logits
 
     def decode(self, seqs: Seq[Sequence]) -> list[torch.Tensor]:
-        self._spend(self.profile.step_overhead_s + self.profile.decode_s([int(s.num_computed * self.scale)
+        self._spend(self.profile.step_overhead_s + self.profile.decode_s([self._real(s, s.num_computed)
                                                                           for s in seqs]))
         for s in seqs:
             s.num_computed += 1

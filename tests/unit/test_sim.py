@@ -89,8 +89,9 @@ def test_a_request_queued_behind_a_long_prompt_hits_the_chunks_computed_before_i
 
 
 def test_token_scale_charges_more_bytes_and_time(loaded):
-    """Each token stands for `token_scale` tokens: in cache bytes, and in the simulated GPU time of prefill
-    (new tokens and the context they attend to) and decode (the context read per step). The time checked is
+    """Each prompt token stands for `token_scale` tokens: in cache bytes, and in the simulated GPU time of prefill
+    (new tokens and the context they attend to) and decode (the context read per step); a generated token is
+    one token (offline, harness.fleet_sim counts the same). The time checked is
     the cost model's own account (`busy_s`), not the wall clock."""
     p = GpuProfile()
     # A huge speedup: the runner still accounts the simulated seconds but hardly sleeps.
@@ -106,6 +107,11 @@ def test_token_scale_charges_more_bytes_and_time(loaded):
         prefill = runner.busy_s
         runner.decode([seq])
         charged[scale] = (prefill, runner.busy_s - prefill)
+        seq.num_computed += 9  # ten generated tokens in all: each is one real token, whatever the scale
+        before = runner.busy_s
+        runner.decode([seq])
+        assert runner.busy_s - before == pytest.approx(p.step_overhead_s + p.decode_s([100 * scale + 10]),
+                                                       rel=1e-9)
         expected_prefill = (2 * p.step_overhead_s + p.prefill_s(60 * scale, 0)
                             + p.prefill_s(40 * scale, 60 * scale))
         assert prefill == pytest.approx(expected_prefill, rel=1e-9)
