@@ -29,7 +29,7 @@ log = logging.getLogger("prefixroute.worker")
 
 
 def _engine(settings: WorkerSettings, runner: Runner, cache_bytes: int, max_num_seqs: int,
-            max_batch_tokens: int, max_kv_tokens: int | None = None) -> Engine:
+            max_batch_tokens: int, max_kv_tokens: int | None = None, output_weight: float = 1.0) -> Engine:
     return Engine(runner, EngineConfig(
         block_size=settings.block_size,
         cache_bytes=cache_bytes,
@@ -37,6 +37,7 @@ def _engine(settings: WorkerSettings, runner: Runner, cache_bytes: int, max_num_
         max_batch_tokens=max_batch_tokens,
         cache_generated=settings.cache_generated,
         max_kv_tokens=max_kv_tokens,
+        output_weight=output_weight,
     ))
 
 
@@ -81,8 +82,9 @@ def build_sim(settings: WorkerSettings) -> list[WorkerServer]:
         s = settings.model_copy(update={"port": port, "worker_id": wid})
         runner = SimRunner(loaded, profile, settings.sim_speedup, settings.sim_token_scale)
         # On the GPU, running requests' KV and the prefix cache share one pool: admission waits for room in it.
+        # A generated token is one real token: 1 / token_scale of a sim token in the step budget and KV pool.
         engine = _engine(s, runner, cache_bytes, max_num_seqs, max_batch_tokens,
-                         cache_bytes // runner.kv_bytes_per_token)
+                         cache_bytes // runner.kv_bytes_per_token, 1.0 / settings.sim_token_scale)
         servers.append(WorkerServer(s, loaded, engine))
     log.info("sim %s x%d: %s, cache %d tokens each, speedup %.1f, token scale %.1f", profile.name,
              settings.replicas, loaded.name, cache_bytes // servers[0].engine.runner.kv_bytes_per_token,

@@ -52,3 +52,26 @@ def test_a_waiting_request_is_admitted_only_when_the_step_budget_reaches_it():
     long.num_computed = 1024
     plan = s.plan()  # the last chunk leaves budget: the short one is admitted in the same step
     assert plan.admitted == [short] and plan.prefill == [(long, 176), (short, 10)]
+
+
+def test_generated_tokens_weigh_output_weight_in_the_kv_pool_and_the_step_budget():
+    """The sim with token_scale 32: each prompt token stands for 32 real ones, a generated token for one, so an
+    answer of up to 64 tokens reserves 2 sim tokens of KV, and 40 decoding requests take 2 of the step budget."""
+    s = Scheduler(max_num_seqs=64, max_batch_tokens=256, max_kv_tokens=250, output_weight=1 / 32)
+    a, b = seq(100, max_tokens=64), seq(100, max_tokens=64)
+    s.add(a)
+    s.add(b)
+    assert s.plan().admitted == [a, b] and s.kv_tokens == 204  # 164 each at weight 1: b would have waited
+    s.remove(a)
+    assert s.kv_tokens == 102
+    s = Scheduler(max_num_seqs=64, max_batch_tokens=256, output_weight=1 / 32)
+    decoding = [seq(6, max_tokens=64) for _ in range(40)]
+    for x in decoding:
+        s.add(x)
+    s.plan()
+    for x in decoding:
+        x.num_computed = x.num_prefill  # prefilled: each now decodes one token per step
+    late = seq(1000)
+    s.add(late)
+    plan = s.plan()
+    assert len(plan.decode) == 40 and plan.prefill == [(late, 254)]

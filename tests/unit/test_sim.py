@@ -131,6 +131,7 @@ def test_build_sim_replicas_and_cache_in_tokens():
     e = servers[0].engine
     assert e.cache.capacity_bytes // e.runner.kv_bytes_per_token == 1000
     assert e.config.max_num_seqs == 256 and servers[0].engine is not servers[1].engine
+    assert e.scheduler.output_weight == 1 / 32  # an answer's token is one real token, a prompt token 32
 
 
 def test_the_sim_clock_runs_on_from_the_previous_work_so_the_engines_own_time_does_not_add_to_it(loaded):

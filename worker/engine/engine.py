@@ -39,6 +39,7 @@ class EngineConfig:
     # Admit a request only while the running requests' KV (kv_reserve each) fits in this many tokens, as a GPU
     # engine whose running and cached KV share one pool does (vLLM). None: max_num_seqs alone bounds admission.
     max_kv_tokens: int | None = None
+    output_weight: float = 1.0  # a generated token in prompt-token units (worker.engine.scheduler)
 
 
 class Engine:
@@ -49,7 +50,8 @@ class Engine:
         self.block_bytes = runner.kv_bytes_per_token * config.block_size
         self.cache = BlockCache(config.block_size, config.cache_bytes, on_evict=runner.release)
         runner.bind(config.cache_bytes // self.block_bytes, config.block_size, self.cache.evict_one)
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_batch_tokens, config.max_kv_tokens)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_batch_tokens, config.max_kv_tokens,
+                                   config.output_weight)
         self.stop_token_ids = runner.stop_token_ids()
         self._inbox: queue.SimpleQueue[tuple[str, Sequence]] = queue.SimpleQueue()
         self._wake = threading.Event()

@@ -5,6 +5,7 @@ goes back to the head of the queue."""
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,10 +21,14 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_batch_tokens: int, max_kv_tokens: int | None = None):
+    def __init__(self, max_num_seqs: int, max_batch_tokens: int, max_kv_tokens: int | None = None,
+                 output_weight: float = 1.0):
+        """`output_weight`: what a generated token weighs in the step budget and the KV pool, in the units of
+        prompt tokens (the sim's 1 / token_scale, where each prompt token stands for token_scale real ones)."""
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
         self.max_kv_tokens = max_kv_tokens
+        self.output_weight = output_weight
         self.kv_tokens = 0  # reserved by the running sequences
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -37,9 +42,14 @@ class Scheduler:
     def remove(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
-            self.kv_tokens -= seq.kv_reserve
+            self.kv_tokens -= self._reserve(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+
+    def _reserve(self, seq: Sequence) -> int:
+        if self.output_weight == 1.0:
+            return seq.kv_reserve
+        return seq.num_prompt + math.ceil((seq.kv_reserve - seq.num_prompt) * self.output_weight)
 
     def preempt(self, seq: Sequence) -> None:
         """Back to the head of the queue (its KV dropped by the engine): it is recomputed when re-admitted."""
@@ -55,7 +65,7 @@ class Scheduler:
         only while budget is left, so one looks the cache up when its prefill can start, after the blocks that
         earlier chunks cached, rather than when it arrived behind a long prompt."""
         decode = [s for s in self.running if not s.prefilling]
-        budget = max(self.max_batch_tokens - len(decode), 1)
+        budget = max(self.max_batch_tokens - math.ceil(len(decode) * self.output_weight), 1)
         prefill = []
         for seq in self.running:  # first come, first served
             if budget <= 0:
@@ -67,7 +77,7 @@ class Scheduler:
         admitted = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             head = self.waiting[0]
-            need = head.kv_reserve
+            need = self._reserve(head)
             if self.running and self.max_kv_tokens is not None and self.kv_tokens + need > self.max_kv_tokens:
                 break  # the oldest waits for KV to free up; a lone request is always admitted
             head.num_prefill = head.num_prompt + len(head.output_ids)
