@@ -36,12 +36,12 @@ H_TENANT = "x-prefixroute-tenant"
 H_EXPECTED = "x-prefixroute-expected-tokens"
 H_VERSION = "x-prefix-version"
 
-_LABEL = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+_LABEL = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 
 
 def label(value: str | None) -> str | None:
     """A tenant id, prefix version or key fit for a Redis key and a metric label, or None."""
-    return value if value is not None and _LABEL.match(value) else None
+    return value if value is not None and _LABEL.fullmatch(value) else None  # ("$" matches before a "\n")
 
 
 OTHER = "other"

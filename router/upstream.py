@@ -289,7 +289,7 @@ class UpstreamPool:
             except BaseException:
                 if slot.done() and not slot.cancelled():
                     self._forget()  # handed over just as this post was cancelled: pass it on
-                else:
+                elif slot in self._slots:  # _forget may have dropped it already, as a cancelled waiter
                     self._slots.remove(slot)
                 raise
         try:

@@ -161,6 +161,19 @@ def sims():
     stop_process(proc)
 
 
+def test_a_prefix_version_that_is_no_label_is_ignored(sims):
+    """metadata.prefix_version goes upstream as a header: one ending in a newline was taken for a label and the
+    header refused (a 500); it is ignored, as any value that is no label."""
+    url, proc = start_router(sims)
+    try:
+        for version in ("v1", "v1\n", "v1\r\nx-injected: 1"):
+            body = {**chat("Which box?"), "metadata": {"prefix_version": version}}
+            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+            assert r.status_code == 200, (version, r.text)
+    finally:
+        stop_process(proc)
+
+
 def test_admin_drain_and_remove_over_http(sims, route_of):
     a, b, c = sims
     url, proc = start_router(sims, "--admin-key", "adm")

@@ -206,6 +206,24 @@ async def test_the_connection_limit_queues_posts_and_survives_cancelled_waiters(
         assert pool._open == 1
 
 
+async def test_a_waiter_cancelled_as_the_connection_frees_stays_a_cancel():
+    """At the limit, a waiting post is cancelled (its client left, a time limit, shutdown's cut) and, in the same
+    loop turn, the connection it waits for is closed: the waiter sees its cancel, not a ValueError (a 500)."""
+    async with pool_for(aiohttp_server(echo_app([])), limit=1) as (url, pool):
+        first = await pool.post(url, "/stream?n=50&gap=0.1", b"{}", {})
+        waiter = asyncio.create_task(pool.post(url, "/echo", b"2", {}))
+        await asyncio.sleep(0.05)
+        assert len(pool._slots) == 1
+        waiter.cancel()
+        first.close()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert not pool._slots
+        r = await asyncio.wait_for(pool.post(url, "/echo", b"3", {}), 5)  # the slot went back to the pool
+        assert await r.read() == b"got:3"
+        r.release()
+
+
 async def test_at_the_limit_an_idle_connection_to_another_worker_makes_room():
     async with aiohttp_server(echo_app([])) as a, aiohttp_server(echo_app([])) as b:
         pool = UpstreamPool(limit=1)

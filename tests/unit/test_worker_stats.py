@@ -6,7 +6,7 @@ import json
 
 from harness.procs import start_redis, stop_process
 from protocol.redis import redis_client
-from protocol.statskeys import Keys
+from protocol.statskeys import Keys, label
 from worker.stats import OTHER, StatsPublisher
 
 INFO = {"url": "http://127.0.0.1:9", "model": "m", "block_size": 16, "capacity_tokens": 1000}
@@ -96,3 +96,10 @@ async def test_only_the_hottest_keys_are_kept(redis_url, monkeypatch):
     hashes = sorted([k async for k in p.client.scan_iter(match=Keys("t").key("*"))])
     assert hashes == sorted(Keys("t").key(f"k{i}") for i in range(15, 20))
     await p.client.aclose()
+
+
+def test_a_label_is_the_whole_value_or_nothing():
+    """Labels become Redis keys, metric labels and upstream headers: a trailing newline ("$" matches before it)
+    or any other character outside the set makes the value no label."""
+    assert label("v1") == "v1" and label("acme.prod:2") == "acme.prod:2"
+    assert label("v1\n") is None and label("v 1") is None and label("") is None and label("x" * 65) is None
