@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 import uuid
 from collections import deque
 from typing import Any
@@ -34,7 +35,8 @@ log = logging.getLogger("prefixroute.router.shared")
 
 class SharedState:
     def __init__(self, client: Any, keys: Keys, policy: Any, pool: WorkerPool, interval_s: float = 1.0,
-                 max_log: int = 200_000, max_pending: int = 100_000, discover: bool = True):
+                 max_log: int = 200_000, max_pending: int = 100_000, discover: bool = True,
+                 heartbeat_ttl_s: float = 10.0):
         self.client = client
         self.stream = f"{keys.ns}:router:decisions"
         self.keys = keys
@@ -49,6 +51,9 @@ class SharedState:
         self.static = set(pool.workers)
         self.discovered: set[str] = set()
         self.applied = 0  # other replicas' decisions applied
+        self.invalid = 0  # records skipped as unreadable
+        self.heartbeat_ttl_s = heartbeat_ttl_s
+        self._grace_until = 0.0  # monotonic time until which discovered workers do not leave (0: none)
         self.dropped = 0  # own decisions lost because the queue was full while Redis was away
         if self.policy is not None:
             self.policy.on_decision = self._queue
@@ -59,7 +64,10 @@ class SharedState:
         self.pending.append(rec.to_json())
 
     async def load(self, chunk: int = 5000) -> int:
-        """Apply the whole stream (a starting router); returns the records applied."""
+        """Apply the whole stream (a starting router); returns the records applied. Workers are discovered first:
+        records naming a worker not in the pool are skipped."""
+        if self.discover:
+            await self.discover_workers()
         n = 0
         start = "-"
         while True:
@@ -76,15 +84,27 @@ class SharedState:
         return n
 
     async def sync(self) -> None:
-        """Send queued decisions, apply the other replicas' new ones, refresh discovered workers."""
+        """Send queued decisions, refresh discovered workers, apply the other replicas' new decisions (after the
+        discovery, which may add the workers they name)."""
         if self.pending:
+            # Decisions made while the batch is in flight queue behind it; a failed send puts the batch back
+            # ahead of them (the queue keeps the newest when full).
             batch = list(self.pending)
-            pipe = self.client.pipeline(transaction=False)
-            for data in batch:
-                pipe.xadd(self.stream, {"r": self.id, "d": data}, maxlen=self.max_log, approximate=True)
-            await pipe.execute()
-            for _ in batch:
-                self.pending.popleft()
+            self.pending.clear()
+            try:
+                pipe = self.client.pipeline(transaction=False)
+                for data in batch:
+                    pipe.xadd(self.stream, {"r": self.id, "d": data}, maxlen=self.max_log, approximate=True)
+                await pipe.execute()
+            except BaseException:
+                newer = list(self.pending)
+                self.pending.clear()
+                self.pending.extend(batch)
+                self.dropped += max(0, len(batch) + len(newer) - (self.pending.maxlen or 0))
+                self.pending.extend(newer)
+                raise
+        if self.discover:
+            await self.discover_workers()
         while True:
             got = await self.client.xread({self.stream: self.last_id}, count=10_000)
             if not got:
@@ -94,8 +114,6 @@ class SharedState:
             self.last_id = entries[-1][0]
             if len(entries) < 10_000:
                 break
-        if self.discover:
-            await self.discover_workers()
 
     def _apply(self, entries: list, own_too: bool = False) -> int:
         n = 0
@@ -106,7 +124,8 @@ class SharedState:
                 continue
             try:
                 rec = DecisionRecord.from_json(fields["d"])
-            except (KeyError, ValueError, TypeError):
+            except (KeyError, ValueError, TypeError, OverflowError):
+                self.invalid += 1  # another version's or a damaged record: skipped, the rest still apply
                 continue
             if rec.worker in self.pool.workers:
                 self.policy.apply(rec)
@@ -121,8 +140,11 @@ class SharedState:
         for raw in beats:
             try:
                 beat = json.loads(raw)
-                url = normalize_url(beat["url"])
-            except (TypeError, ValueError, KeyError):
+                url = normalize_url(beat["url"]) if isinstance(beat, dict) and isinstance(beat.get("url"), str) \
+                    else None
+            except (TypeError, ValueError):
+                continue
+            if url is None:
                 continue
             alive.add(url)
             if url not in self.pool.workers:
@@ -130,6 +152,15 @@ class SharedState:
                 log.info("worker %s discovered (heartbeat%s)", url, f", {engine}" if engine else "")
                 self.pool.add(url, engine=engine if engine in KINDS else None)
                 self.discovered.add(url)
+        now = time.monotonic()
+        if not alive and self.discovered and not self._grace_until:
+            # No heartbeat at all: Redis restarted empty or was flushed, rather than every worker stopping in
+            # one second. For a heartbeat's lifetime no worker leaves (their beats come back one by one).
+            self._grace_until = now + self.heartbeat_ttl_s
+        if self._grace_until:
+            if now < self._grace_until:
+                return
+            self._grace_until = 0.0
         for url in list(self.discovered - alive):
             if url not in self.static:
                 log.info("worker %s left (heartbeat expired)", url)

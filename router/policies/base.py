@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -55,9 +56,13 @@ class DecisionRecord:
 
     @classmethod
     def from_json(cls, data: bytes | str) -> DecisionRecord:
+        """Raises ValueError (or TypeError) on anything another replica of this version would not write."""
         t, worker, group, blocks, tokens, session = orjson.loads(data)
-        return cls(float(t), str(worker), bytes.fromhex(group), [int(b) for b in blocks], [int(n) for n in tokens],
-                   bytes.fromhex(session) if session else None)
+        t = float(t)
+        blocks, tokens = [int(b) for b in blocks], [int(n) for n in tokens]
+        if not math.isfinite(t) or len(blocks) != len(tokens) or not isinstance(worker, str):
+            raise ValueError("not a decision record")
+        return cls(t, worker, bytes.fromhex(group), blocks, tokens, bytes.fromhex(session) if session else None)
 
 
 class PoolView(Protocol):

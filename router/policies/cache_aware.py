@@ -190,11 +190,14 @@ class CacheAware:
     def apply(self, rec: DecisionRecord) -> None:
         """Another router replica's decision: the state it changed there changes here the same way (the group's
         rate at its time, the prefix index, the session table)."""
-        self.rates.hit_at(rec.group, rec.t)
+        # A replica whose clock runs ahead must not date state in this one's future (its counts would not decay,
+        # its sessions would outrank this router's newer turns for as long as the skew).
+        t = min(rec.t, self.rates.clock())
+        self.rates.hit_at(rec.group, t)
         self.index.insert(rec.worker, rec.blocks, rec.block_tokens)
-        self.recent.add(rec.worker, rec.t)
+        self.recent.add(rec.worker, t)
         if rec.session is not None:
-            self._remember(rec.session, rec.worker, rec.t)
+            self._remember(rec.session, rec.worker, t)
 
     def _session(self, session: bytes) -> str | None:
         entry = self.sessions.get(session)

@@ -88,3 +88,17 @@ def test_records_from_a_skewed_clock_neither_crash_nor_inflate_decisions():
         p.choose(req([1, 2, 100 + i], key=1), pool)
         clock.t += 1
     assert 0 < p.recent.get(first, clock.t) < 30
+
+
+def test_a_record_from_a_clock_ahead_does_not_outrank_this_routers_later_turns():
+    clock = Clock()
+    p = policy(clock)
+    session = req([7], session=3).session
+    p.apply(DecisionRecord(clock.t + 12 * 3600, "http://127.0.0.1:9001", b"g", [99], [16], session))
+    clock.t += 5
+    p._remember(session, "http://127.0.0.1:9002", clock.t)  # this router's next turn of the session
+    assert p._session(session) == "http://127.0.0.1:9002"
+    for _ in range(10):
+        p.apply(DecisionRecord(clock.t + 12 * 3600, "http://127.0.0.1:9001", b"g", [99], [16], None))
+    clock.t += 600  # ten decisions ten minutes ago weigh as such, not as decisions still to come
+    assert p.recent.get("http://127.0.0.1:9001", clock.t) < 10 * 2.72 ** -9
