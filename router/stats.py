@@ -13,8 +13,17 @@ from protocol.statskeys import ACCURACY, COUNTERS, GAUGES, Keys, ratio
 log = logging.getLogger("prefixroute.router.stats")
 
 
+def _number(v: Any, kind: type = int) -> Any:
+    """A stored count or gauge; 0 where the field holds no number (another version's, or a damaged write), so one
+    bad field does not fail the whole read."""
+    try:
+        return kind(float(v or 0))
+    except (TypeError, ValueError, OverflowError):
+        return kind(0)
+
+
 def _counts(h: dict[str, str], fields: tuple[str, ...] = COUNTERS) -> dict[str, int]:
-    return {f: int(float(h.get(f, 0) or 0)) for f in fields}
+    return {f: _number(h.get(f)) for f in fields}
 
 
 def _with_ratio(d: dict[str, Any]) -> dict[str, Any]:
@@ -80,7 +89,7 @@ async def read_stats(client: Any, keys: Keys, top: int = 20) -> dict[str, Any]:
             d["cache_queries"] = _counts(h, ("cache_queries",))["cache_queries"]
             d["engine_hit_ratio"] = ratio(d["cached_tokens"], d["cache_queries"])
         if "kv_usage" in h:
-            d["kv_usage"] = float(h["kv_usage"])
+            d["kv_usage"] = _number(h["kv_usage"], float)
         out_workers.append(d)
     res = res[len(workers):]
     out_tenants = []
@@ -93,7 +102,7 @@ async def read_stats(client: Any, keys: Keys, top: int = 20) -> dict[str, Any]:
     res = res[len(versions):]
     out_keys = []
     for (k, score), h in zip(hot, res):
-        per_worker = {f[2:]: int(n) for f, n in h.items() if f.startswith("w:")}
+        per_worker = {f[2:]: _number(n) for f, n in h.items() if f.startswith("w:")}
         out_keys.append(_with_ratio({"key": k, "tenant": h.get("tenant"), **_counts(h),
                                      "fanout": len(per_worker), "workers": per_worker}))
     return {"cluster": _with_ratio(_counts(cluster)), "workers": out_workers, "tenants": out_tenants,

@@ -129,10 +129,9 @@ class Sidecar:
                 text = await r.text() if r.status == 200 else ""
             reading = parse(text, self.kind) if text else None
             if reading is not None and self.model is None:
-                async with http.get(base + "/v1/models", timeout=t) as m:
-                    data = (await m.json()).get("data", []) if m.status == 200 else []
-                    self.model = data[0]["id"] if data else None
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError, IndexError) as exc:
+                self.model = await self._model(http, t)
+        except Exception as exc:  # unreachable, or metrics it cannot read (an +Inf sample): down until it answers
+            # readably; the loop goes on either way.
             reading = None
             if self.up:
                 log.warning("engine %s unreachable (%s)", base, type(exc).__name__)
@@ -144,6 +143,15 @@ class Sidecar:
         self.kind = self.kind or reading.kind
         self.reading, self.up = reading, True
         return True
+
+    async def _model(self, http: aiohttp.ClientSession, t: aiohttp.ClientTimeout) -> str | None:
+        """The served model's name from /v1/models; None (asked again next time) if it is not read there."""
+        try:
+            async with http.get(self.s.engine_base + "/v1/models", timeout=t) as m:
+                data = (await m.json()).get("data") if m.status == 200 else None
+            return str(data[0]["id"]) if isinstance(data, list) and data else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError, KeyError, TypeError):
+            return None
 
     # ---- writing to Redis ---------------------------------------------------------------------------------
 
@@ -230,7 +238,7 @@ async def serve(settings: SidecarSettings) -> None:
             await stop.wait()
         finally:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
             await sidecar.close()
             await runner.cleanup()

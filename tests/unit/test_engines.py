@@ -6,6 +6,7 @@ tests/integration/test_vllm_engines.py."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import aiohttp
@@ -82,11 +83,13 @@ class Engine:
 
     def __init__(self, text: str, model: str = "smol"):
         self.text, self.model = text, model
+        self.models: object = None  # /v1/models' body when set, instead of the model's listing
 
     async def start(self) -> str:
         app = web.Application()
         app.router.add_get("/metrics", lambda r: web.Response(text=self.text))
-        app.router.add_get("/v1/models", lambda r: web.json_response({"data": [{"id": self.model}]}))
+        app.router.add_get("/v1/models", lambda r: web.json_response(
+            self.models if self.models is not None else {"data": [{"id": self.model}]}))
         app.router.add_get("/health", lambda r: web.Response(status=200))
         self.runner = web.AppRunner(app)
         await self.runner.setup()
@@ -165,6 +168,30 @@ async def test_sidecar_keeps_its_counts_while_redis_is_away(redis_url):
         await engine.stop()
 
 
+async def test_the_sidecar_reads_on_past_answers_it_cannot_read():
+    """An engine that answers what the sidecar cannot read (a +Inf sample, a list for /v1/models) is down for that
+    scrape, or has no model name yet; the sidecar's one loop goes on and reads it again once it can."""
+    good = _sglang(100, 10, 1)
+    engine = Engine(good.replace('num_running_reqs{model_name="m"} 1', 'num_running_reqs{model_name="m"} +Inf'))
+    engine.models = ["smol"]
+    url = await engine.start()
+    s = Sidecar(SidecarSettings(engine_url=url, port=0, stats_interval_s=0.05))
+    try:
+        async with aiohttp.ClientSession() as http:
+            task = asyncio.create_task(s.run(http))
+            await asyncio.sleep(0.3)
+            assert not s.up and not task.done()
+            engine.text = good
+            await asyncio.sleep(0.3)
+            assert s.up and s.model is None and not task.done()
+            engine.models = None
+            await asyncio.sleep(0.3)
+            assert s.model == "smol" and not task.done()
+            task.cancel()
+    finally:
+        await engine.stop()
+
+
 async def test_probe_reads_engine_load_beyond_the_routers_own_requests():
     vllm = Engine(VLLM_TEXT.replace("vllm:num_requests_waiting{", "vllm:num_requests_waiting_x{")
                   + 'vllm:num_requests_waiting{engine="0",model_name="m"} 4.0\n')
@@ -195,3 +222,21 @@ async def test_probe_reads_engine_load_beyond_the_routers_own_requests():
     finally:
         for e in (vllm, plain):
             await e.stop()
+
+
+async def test_stats_read_past_fields_that_hold_no_number(redis_url):
+    """Another version's or a damaged write: that field reads 0, the rest as stored, and /admin/stats answers."""
+    client = redis_client(redis_url, timeout_s=1.0)
+    k = Keys("t")
+    try:
+        await client.sadd(k.workers, "w1")
+        await client.hset(k.worker("w1"), mapping={"requests": "7", "prompt_tokens": "abc", "running": "None",
+                                                   "kv_usage": "x", "cached_tokens": "1e400"})
+        await client.zadd(k.keys, {"key1": 3})
+        await client.hset(k.key("key1"), mapping={"requests": "3", "w:w1": "y"})
+        stats = await read_stats(client, k)
+        (row,) = stats["workers"]
+        assert (row["requests"], row["prompt_tokens"], row["running"], row["kv_usage"]) == (7, 0, 0, 0.0)
+        assert row["cached_tokens"] == 0 and stats["top_prefixes"][0]["workers"] == {"w1": 0}
+    finally:
+        await client.aclose()
