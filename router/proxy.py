@@ -29,7 +29,7 @@ from protocol.limits import time_limit_hit
 from router.metrics import RouterMetrics
 from router.policies import Decision
 from router.upstream import ConnectError, TransportError, UpstreamError, UpstreamPool, UpstreamResponse
-from router.workers import WorkerPool
+from router.workers import Worker, WorkerPool
 
 log = logging.getLogger("prefixroute.router.proxy")
 
@@ -93,7 +93,7 @@ class Proxy:
                 route = "failover"
             # The worker's expected work while this request runs: its prefill until the first streamed byte
             # (a non-streamed answer holds it to the end), its context until the end.
-            self.pool.acquire(name, decision.prefill, decision.context)
+            held = self.pool.acquire(name, decision.prefill, decision.context)
             pending = [decision.prefill]
             settled = False  # the attempt's outcome went to the worker's breaker
             up: UpstreamResponse | None = None
@@ -134,7 +134,7 @@ class Proxy:
                 tail: list[bytes] | None = [] if self.on_usage is not None and w.engine not in (PREFIXROUTE, None) \
                     and up.status == 200 else None
                 try:
-                    resp = await self._relay(request, name, up, headers, pending, first, tail)
+                    resp = await self._relay(request, name, up, headers, pending, first, tail, held)
                 finally:
                     # Also when the handler is cancelled: a client that closes on [DONE] may do so before the
                     # worker's end of stream reaches the router, and the usage it was sent still counts.
@@ -152,7 +152,7 @@ class Proxy:
                 self._tasks.discard(task)  # type: ignore[arg-type]
                 if not settled:
                     self.pool.request_abandoned(name, trial)
-                self.pool.release(name, pending[0], decision.context)
+                self.pool.release(name, pending[0], decision.context, held)
                 if up is not None:
                     # A fully read answer returns its connection to the pool; anything else (a failure, a client
                     # that left, a cancelled handler) closes it, which makes the worker abort the request.
@@ -187,7 +187,7 @@ class Proxy:
 
     async def _relay(self, request: web.Request, name: str, up: UpstreamResponse,
                      headers: dict[str, str], pending: list[int], first: bytes,
-                     tail: list[bytes] | None = None) -> web.StreamResponse:
+                     tail: list[bytes] | None = None, held: Worker | None = None) -> web.StreamResponse:
         """`tail`: filled with the plain answer, or a stream's last bytes (for its usage), when not None."""
         ctype = up.headers.get("content-type", "application/json")
         headers["content-type"] = ctype
@@ -201,7 +201,7 @@ class Proxy:
             if tail is not None:
                 tail.append(data)
             return web.Response(body=data, status=up.status, headers=headers)
-        self.pool.prefilled(name, pending[0])
+        self.pool.prefilled(name, pending[0], held)
         pending[0] = 0
         out = web.StreamResponse(status=up.status, headers={**headers, "Cache-Control": "no-cache"})
         await out.prepare(request)

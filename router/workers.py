@@ -167,24 +167,27 @@ class WorkerPool:
 
     # ---- in-flight ----------------------------------------------------------------------------------------
 
-    def acquire(self, name: str, prefill: int = 0, context: int = 0) -> None:
-        """A request goes to `name`: `prefill` tokens it is expected to compute there, `context` its prompt."""
+    def acquire(self, name: str, prefill: int = 0, context: int = 0) -> Worker | None:
+        """A request goes to `name`: `prefill` tokens it is expected to compute there, `context` its prompt.
+        Returns the worker charged: pass it to `prefilled` and `release`, so that a request that outlives its
+        worker's removal (and the URL's return as a new worker) takes nothing back from the new one."""
         self.mean_prompt += 0.01 * (context - self.mean_prompt)
         self._add(name, 1, prefill, context)
+        return self.workers.get(name)
 
-    def prefilled(self, name: str, prefill: int) -> None:
+    def prefilled(self, name: str, prefill: int, held: Worker | None = None) -> None:
         """The request's first token came back: its prefill is done (it still decodes, holding its context)."""
-        self._add(name, 0, -prefill, 0)
+        self._add(name, 0, -prefill, 0, held)
 
-    def release(self, name: str, prefill: int = 0, context: int = 0) -> None:
+    def release(self, name: str, prefill: int = 0, context: int = 0, held: Worker | None = None) -> None:
         """The request ended; `prefill` is what `prefilled` did not already take back."""
         w = self.workers.get(name)
         if w is not None and w.inflight > 0:
-            self._add(name, -1, -prefill, -context)
+            self._add(name, -1, -prefill, -context, held)
 
-    def _add(self, name: str, requests: int, prefill: int, context: int) -> None:
+    def _add(self, name: str, requests: int, prefill: int, context: int, held: Worker | None = None) -> None:
         w = self.workers.get(name)
-        if w is None:
+        if w is None or (held is not None and w is not held):
             return
         w.inflight += requests
         # never below zero (a release after the worker's counts were reset)

@@ -332,3 +332,26 @@ def test_a_held_request_is_refused_rather_than_recomputed_elsewhere_once_the_fle
     fill(w2, 3)
     fill(w3, 4)
     assert not a.has_room() and a.refuses_after_hold(100, lambda: elsewhere["prefill"])  # no room anywhere
+
+
+def test_a_request_that_outlives_its_workers_removal_takes_nothing_back_from_its_return():
+    """Request A runs on U; U is removed and comes back (admin remove and add, or an expired and renewed heartbeat)
+    as a new worker, where request B starts. A's end must not count against B's worker: while B runs it is in
+    flight there, and after both end nothing is left queued there (proxy.forward passes the worker it charged)."""
+    pool = WorkerPool()
+    u = "http://127.0.0.1:9001"
+    pool.add(u)
+    pool.mark_ok(u)
+    a = pool.acquire(u, prefill=300, context=300)
+    pool.remove(u)
+    pool.add(u)
+    pool.mark_ok(u)
+    b = pool.acquire(u, prefill=1000, context=1000)
+    assert a is not b
+    pool.prefilled(u, 300, a)
+    pool.release(u, 0, 300, a)
+    w = pool.workers[u]
+    assert (w.inflight, w.prefill, w.context) == (1, 1000, 1000)
+    pool.prefilled(u, 1000, b)
+    pool.release(u, 0, 1000, b)
+    assert (w.inflight, w.prefill, w.context, pool.total_inflight) == (0, 0, 0, 0)
