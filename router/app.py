@@ -23,6 +23,7 @@ from router.breaker import BreakerConfig
 from router.divergence import DivergenceTracker
 from router.metrics import RouterMetrics
 from router.policies import Policy, make_policy
+from router.policies.cache_aware import CacheAware
 from router.prefix import PrefixKeyer, RouteKeys
 from router.proxy import Proxy
 from router.settings import RouterSettings
@@ -53,10 +54,9 @@ class Router:
             self.pool.add(w.url, w.weight, w.engine)
         self.policy = policy or make_policy(settings)
         self.keyer = PrefixKeyer(tokenizer, settings.prefix_tokens, settings.index_block_bytes)
-        index = getattr(self.policy, "index", None)
-        if index is not None:  # the index follows each worker's cache: its size, and its loss on removal
-            self.pool.on_remove.append(index.forget_worker)
-            self.pool.on_cache_size.append(index.set_budget)
+        if isinstance(self.policy, CacheAware):  # its index follows each worker's cache: its size, its removal
+            self.pool.on_remove.append(self.policy.forget_worker)
+            self.pool.on_cache_size.append(self.policy.index.set_budget)
         self.tenants = Tenants(settings.tenants, settings.open_tenant_secret.get_secret_value())
         self.admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
         self.metrics = RouterMetrics(self.pool, settings.prefix_tokens)

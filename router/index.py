@@ -121,6 +121,7 @@ class PrefixIndex:
         for h in self._lru.pop(worker, ()):
             self._drop(h, worker)
         self._used.pop(worker, None)
+        self._budget.pop(worker, None)  # a worker that returns says its size again
 
     def _drop(self, h: int, worker: str) -> None:
         holders = self._holders.get(h)

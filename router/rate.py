@@ -142,6 +142,9 @@ class DecayedCounts:
         # never grow backwards in time (exp of hours / tau overflows).
         return value * math.exp((at - now) / self.tau_s) if now > at else value
 
+    def forget(self, name: str) -> None:
+        self._v.pop(name, None)
+
     def add(self, name: str, now: float, n: float = 1.0) -> None:
         v = self._v.get(name)
         if v is not None and now < v[1]:  # a late record: add it decayed to the newer time

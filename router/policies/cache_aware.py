@@ -199,6 +199,11 @@ class CacheAware:
         if rec.session is not None:
             self._remember(rec.session, rec.worker, t)
 
+    def forget_worker(self, worker: str) -> None:
+        """The worker left the pool: what it held and its recent count go (a worker that returns starts afresh)."""
+        self.index.forget_worker(worker)
+        self.recent.forget(worker)
+
     def _session(self, session: bytes) -> str | None:
         entry = self.sessions.get(session)
         if entry is None or entry[1] < self.rates.clock() - self.session_ttl_s:

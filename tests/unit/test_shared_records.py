@@ -102,3 +102,17 @@ def test_a_record_from_a_clock_ahead_does_not_outrank_this_routers_later_turns()
         p.apply(DecisionRecord(clock.t + 12 * 3600, "http://127.0.0.1:9001", b"g", [99], [16], None))
     clock.t += 600  # ten decisions ten minutes ago weigh as such, not as decisions still to come
     assert p.recent.get("http://127.0.0.1:9001", clock.t) < 10 * 2.72 ** -9
+
+
+def test_a_removed_worker_leaves_nothing_behind_in_the_policy():
+    """Workers come and go (autoscaling): what the policy keeps per worker goes with each."""
+    clock = Clock()
+    pool = pool_of(4)
+    p = policy(clock)
+    for i in range(40):
+        p.choose(req([i, 1000 + i], key=i), pool)
+    gone = next(iter(p.recent._v))
+    p.index.set_budget(gone, 1000)
+    p.forget_worker(gone)
+    assert gone not in p.recent._v and gone not in p.index._budget and gone not in p.index._lru
+    assert all(gone not in holders for holders in p.index._holders.values())
