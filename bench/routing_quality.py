@@ -167,6 +167,8 @@ def run_one(trace: Path, n: int, policy: str, speed: float, time_scale: float, a
                 "router_waiting_after": left.get("prefixroute_router_admission_waiting"),
                 "router_held": left.get("prefixroute_router_admission_held_total"),
                 "ttft_p50_s": summary.get("ttft_p50_s"), "ttft_p99_s": summary.get("ttft_p99_s"),
+                # the load generator's lag behind its schedule (TTFT counts from the send)
+                "send_late_p99_s": summary.get("send_late_p99_s"), "send_late_max_s": summary.get("send_late_max_s"),
                 "requests": summary.get("requests"), "errors": summary.get("errors"),
                 "refused": summary.get("refused", 0),
                 "refused_without_retry_after": summary.get("refused_without_retry_after", 0), "out": str(out)}

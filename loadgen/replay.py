@@ -36,6 +36,9 @@ class Result:
     route: str = ""
     error: str | None = None
     retry_after: str | None = None  # a refusal's Retry-After header
+    # Open loop: how long after its scheduled time the request went out. TTFT and e2e count from the send, so a
+    # client that falls behind (its loop or CPU busy) shows here, not there.
+    late_s: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -48,7 +51,7 @@ class Result:
 
 
 async def _one(session: aiohttp.ClientSession, url: str, job: Job, index: int, t0: float,
-               default_key: str | None) -> Result:
+               default_key: str | None, due: float | None = None) -> Result:
     r = Result(index, time.perf_counter() - t0)
     body = {**job.body, "stream": True, "stream_options": {"include_usage": True}}
     headers = {"Content-Type": "application/json"}
@@ -56,6 +59,8 @@ async def _one(session: aiohttp.ClientSession, url: str, job: Job, index: int, t
     if key:
         headers["Authorization"] = f"Bearer {key}"
     start = time.perf_counter()
+    if due is not None:
+        r.late_s = max(0.0, start - due)
     last = None
     try:
         async with session.post(url + job.endpoint, data=json.dumps(body), headers=headers) as resp:
@@ -112,8 +117,8 @@ async def replay(url: str, jobs: list[Job], *, speedup: float = 1.0, concurrency
     conn = aiohttp.TCPConnector(limit=0 if concurrency is None else concurrency, force_close=False)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
 
-    async def run(session: aiohttp.ClientSession, i: int, job: Job) -> None:
-        res = await _one(session, url, job, i, t0, api_key)
+    async def run(session: aiohttp.ClientSession, i: int, job: Job, due: float | None = None) -> None:
+        res = await _one(session, url, job, i, t0, api_key, due)
         results.append(res)
         if on_done:
             on_done(res)
@@ -129,7 +134,7 @@ async def replay(url: str, jobs: list[Job], *, speedup: float = 1.0, concurrency
                     break
                 if delay > 0:
                     await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(run(session, i, job)))
+                tasks.append(asyncio.create_task(run(session, i, job, due)))
             await asyncio.gather(*tasks)
         else:
             queue: asyncio.Queue[tuple[int, Job]] = asyncio.Queue()

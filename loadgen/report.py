@@ -90,6 +90,11 @@ def summarize(results: list[Result], wall_s: float, workers: int | None = None) 
     for name, xs in (("ttft", ttft), ("itl", itl), ("e2e", e2e)):
         for p in (50, 90, 99):
             summary[f"{name}_p{p}_s"] = percentile(xs, p)
+    # Open loop: the client's own lag behind the schedule (every request sent; None in closed loop). TTFT counts
+    # from the send, so a run whose lag is not small against its TTFT understates what clients would see.
+    late = [r.late_s for r in results if r.late_s is not None]
+    summary["send_late_p50_s"], summary["send_late_p99_s"] = percentile(late, 50), percentile(late, 99)
+    summary["send_late_max_s"] = max(late, default=None)
     return summary
 
 

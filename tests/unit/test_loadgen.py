@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -161,6 +162,39 @@ def test_a_response_without_the_worker_header_names_no_worker():
     assert [r.ok for r in rs] == [True] * 3 and {r.worker for r in rs} == {""}
     s = summarize(rs, 1.0, workers=2)
     assert s["max_mean_load"] is None and s["requests_without_worker"] == 3
+
+
+def test_an_open_loop_client_that_falls_behind_reports_its_lag():
+    """The client's loop stalls for 0.3 s (a busy CPU): requests due meanwhile go out late. Their TTFT counts from
+    the send, so the summary reports the lag; a closed-loop run has no schedule and reports none."""
+    from aiohttp import web
+
+    async def go(concurrency: int | None) -> list[Result]:
+        async def complete(request: web.Request) -> web.StreamResponse:
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write(b'data: {"choices":[{"index":0,"text":"x"}]}\n\ndata: [DONE]\n\n')
+            return resp
+
+        app = web.Application()
+        app.router.add_post("/v1/completions", complete)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        try:
+            jobs = [Job(0.02 * i, "/v1/completions", {"prompt": "hi", "max_tokens": 1}) for i in range(10)]
+            asyncio.get_running_loop().call_later(0.05, time.sleep, 0.3)
+            return await replay(f"http://127.0.0.1:{runner.addresses[0][1]}", jobs, concurrency=concurrency,
+                                timeout_s=30)
+        finally:
+            await runner.cleanup()
+
+    rs = asyncio.run(go(None))
+    s = summarize(rs, 1.0)
+    assert s["ok"] == 10 and 0.2 < s["send_late_max_s"] < 1.0 and s["send_late_p50_s"] > 0.05
+    assert max(r.late_s for r in rs) == s["send_late_max_s"]
+    closed = summarize(asyncio.run(go(2)), 1.0)
+    assert closed["send_late_max_s"] is None and closed["send_late_p99_s"] is None
 
 
 def test_synthetic_workloads_are_deterministic_and_shaped():
