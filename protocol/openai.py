@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 from protocol.errors import APIError
 
@@ -37,7 +37,11 @@ class ChatMessage(_Strict):
                 # The value is not echoed: a client's content must never reach an error body (or a log of one).
                 raise APIError(400, "This content part type is not supported; only 'text' is.",
                                param=f"messages.content.{i}.type", code="unsupported_content")
-            parts.append(TextPart.model_validate(raw).text)
+            try:
+                parts.append(TextPart.model_validate(raw).text)
+            except ValidationError:  # pydantic's message would echo the part: a 400 of our own instead
+                raise APIError(400, "A text content part needs a string 'text' and nothing else.",
+                               param=f"messages.content.{i}.text") from None
         return "".join(parts)
 
 

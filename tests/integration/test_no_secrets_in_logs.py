@@ -117,6 +117,8 @@ def test_no_prompt_key_or_secret_in_logs_metrics_redis_or_answers(stack):
                    {"messages": [{"role": PROMPT, "content": PROMPT}]},
                    {"messages": [{"role": "user", "content": [{"type": PROMPT, "text": PROMPT}]}]},
                    {"messages": [{"role": "user", "content": [{"type": "text", "text": PROMPT, "x": 1}, 5]}]},
+                   {"messages": [{"role": "user", "content": [{"type": "text", "txt": PROMPT}]}]},
+                   {"messages": [{"role": "user", "content": [{"type": "text", "text": [PROMPT]}]}]},
                    {"messages": PROMPT}, {"prompt": PROMPT, "metadata": {"k": PROMPT * 20}}]
         raws = [b'{"prompt": "' + PROMPT.encode(), b'{"prompt": "' + PROMPT.encode() + b'" "x"}',
                 b'["' + PROMPT.encode() + b'"]', PROMPT.encode(), b'{"prompt": "' + PROMPT.encode() + b'\xff"}']
@@ -143,7 +145,7 @@ def test_no_prompt_key_or_secret_in_logs_metrics_redis_or_answers(stack):
         assert call("admin stats", router, "/admin/stats", method="GET",
                     headers={"Authorization": f"Bearer {stack['admin']}"}).status_code == 200
         # bad requests straight to the worker
-        for b in invalid[:3] + invalid[7:10]:
+        for b in invalid[:3] + invalid[7:12]:
             call("worker invalid body", workers[0], "/v1/chat/completions" if "messages" in b else "/v1/completions",
                  body=b)
         for b in raws:

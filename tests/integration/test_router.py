@@ -101,6 +101,7 @@ BAD = [
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, None, 400),
     ({"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}, None, 404),
     ({"messages": [{"role": "user", "content": "x"}], "n": 2}, None, 400),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, None, 400),
 ]
 
 

@@ -61,6 +61,14 @@ def test_greedy_and_top_k_1_pick_argmax():
     assert {s(logits()) for _ in range(20)} == {1}
 
 
+def test_a_temperature_too_small_to_divide_by_is_greedy():
+    """1e-300 is a valid temperature (0 to 2), but logits / 1e-300 overflow to inf and the draw fails, taking down
+    every request in the engine's step: below 1e-5 sampling is greedy, as in vLLM."""
+    for t in (1e-300, 1e-38, 9e-6):
+        assert Sampler(SamplingParams(max_tokens=1, temperature=t), torch.device("cpu"))(logits() * 50) == 1
+    assert not SamplingParams(max_tokens=1, temperature=1e-5).greedy
+
+
 def test_top_p_keeps_the_nucleus_only():
     s = Sampler(SamplingParams(max_tokens=1, temperature=1.0, top_p=0.6), torch.device("cpu"))
     assert {s(logits()) for _ in range(50)} <= {1, 2}

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -19,7 +21,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, dividing the logits by the temperature overflows them to inf (a failed step for every
+        # request in it); vLLM takes such temperatures as greedy too (its _SAMPLING_EPS).
+        return self.temperature < GREEDY_BELOW
 
 
 class Sampler:
