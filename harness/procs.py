@@ -192,10 +192,11 @@ def sim_cluster(n: int, *worker_args: str, router_args: Sequence[str] = ()) -> I
         stop_process(workers)
 
 
-def start_redis(port: int | None = None, data_dir: Path | None = None,
-                timeout: float = 20.0) -> tuple[str, subprocess.Popen]:
+def start_redis(port: int | None = None, data_dir: Path | None = None, timeout: float = 20.0,
+                extra: tuple[str, ...] = ()) -> tuple[str, subprocess.Popen]:
     """A real redis-server (Debian's package) on a free 127.0.0.1 port: in memory only, or with an append-only
-    file in `data_dir`, so a restart on the same port (pass both back) keeps what was written."""
+    file in `data_dir`, so a restart on the same port (pass both back) keeps what was written. `extra`: more
+    redis-server options."""
     import shutil
 
     exe = shutil.which("redis-server")
@@ -204,7 +205,7 @@ def start_redis(port: int | None = None, data_dir: Path | None = None,
     port = port or free_port()
     persist = ["--dir", str(data_dir), "--appendonly", "yes"] if data_dir else ["--appendonly", "no"]
     proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persist,
-                             "--protected-mode", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                             "--protected-mode", "no", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

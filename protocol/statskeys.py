@@ -82,6 +82,10 @@ class Keys:
     def heartbeat(self, wid: str) -> str:
         return f"{self.ns}:heartbeat:{wid}"
 
+    def flushed(self, wid: str, writer: str) -> str:
+        """The last batch of deltas one stats writer applied (worker.stats): a retry of it is not applied twice."""
+        return f"{self.ns}:flushed:{wid}:{writer}"
+
     def heartbeat_pattern(self) -> str:
         return f"{self.ns}:heartbeat:*"
 

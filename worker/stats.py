@@ -1,8 +1,10 @@
 """Hit stats to Redis: the serving path only adds to in-memory deltas (O(1), never awaits); a background task
 writes them in one pipeline per interval, with the engine's gauges and a heartbeat that expires.
 
-A slow or dead Redis never slows or fails a request: a failed write puts its deltas back, and they go out with
-the next one that succeeds, so totals catch up instead of losing counts. What is kept meanwhile is bounded: the
+A slow or dead Redis never slows or fails a request: a failed write keeps its deltas, and they go out with the
+next write that succeeds, so totals catch up instead of losing counts. A write whose reply never came may have
+been applied all the same: each batch is numbered, applied in one MULTI/EXEC with its number (watched), and a
+retry of a batch already applied is dropped, so nothing is counted twice. What is kept meanwhile is bounded: the
 worker's, tenants' and prefix versions' counters (at most `max_labels` names each; more are counted as
 "other"), and per-key counters for at most `max_keys` routing keys (requests of further keys still count in
 every total). The schema is protocol.statskeys.
@@ -15,6 +17,7 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +45,7 @@ class _Pending:
         self.tenants: dict[str, Counter[str]] = {}
         self.versions: dict[str, Counter[str]] = {}
         self.keys: dict[str, tuple[str | None, Counter[str]]] = {}
+        self.id = 0  # its number among the writer's batches, from its first try
 
     def empty(self) -> bool:
         return not (self.worker or self.tenants or self.versions or self.keys)
@@ -76,6 +80,9 @@ class StatsPublisher:
         # sidecar, worker.sidecar, writes its worker and cluster counters, gauges and heartbeat)
         self.worker_counters = worker_counters
         self.pending = _Pending()
+        self.unsure: _Pending | None = None  # a batch tried and not known to be applied: written again first
+        self.writer = uuid.uuid4().hex[:12]  # this publisher, among the processes writing for `worker_id`
+        self._batches = 0
         self.up: bool | None = None  # None until the first write
         self.flushes = 0
         self.failures = 0
@@ -120,18 +127,27 @@ class StatsPublisher:
             await asyncio.sleep(self.interval_s)
 
     async def flush(self) -> bool:
-        """Write the deltas, gauges and heartbeat; on failure keep the deltas for the next try."""
-        batch, self.pending = self.pending, _Pending()
-        try:
-            await asyncio.wait_for(self._write(batch), self.timeout_s)
-        except Exception as exc:  # any Redis or network failure: keep the counts, try again later
-            batch.merge(self.pending, self.max_keys)
-            self.pending = batch
-            self.failures += 1
-            if self.up is not False:
-                log.warning("stats to Redis failed (%s); keeping deltas until it is back", type(exc).__name__)
-            self.up = False
-            return False
+        """Write the deltas, gauges and heartbeat: first a batch tried before and not known to be applied, then
+        what was recorded since. On failure (or a cancel) the batch is kept, as it is, for the next try."""
+        for _ in range(2):
+            batch = self.unsure
+            fresh = batch is None
+            if batch is None:
+                batch, self.pending = self.pending, _Pending()
+                self._batches += 1
+                batch.id = self._batches
+                self.unsure = batch
+            try:
+                await asyncio.wait_for(self._write(batch), self.timeout_s)
+            except Exception as exc:  # any Redis or network failure: keep the counts, try again later
+                self.failures += 1
+                if self.up is not False:
+                    log.warning("stats to Redis failed (%s); keeping deltas until it is back", type(exc).__name__)
+                self.up = False
+                return False
+            self.unsure = None
+            if fresh or self.pending.empty():
+                break
         if self.up is False:
             log.info("stats to Redis resumed")
         self.up = True
@@ -140,8 +156,20 @@ class StatsPublisher:
 
     async def _write(self, b: _Pending) -> None:
         k, wid = self.k, self.wid
-        # MULTI/EXEC: a write that breaks off is applied whole or not at all, so its retry never counts twice
-        pipe = self.client.pipeline(transaction=True)
+        marker = k.flushed(wid, self.writer)
+        async with self.client.pipeline(transaction=True) as pipe:
+            # A batch whose reply was lost may have been applied: its number is then the marker's, and it is not
+            # applied again. WATCH: a first try that lands while this one is on its way fails this one.
+            await pipe.watch(marker)
+            if await pipe.get(marker) == str(b.id):
+                return
+            pipe.multi()
+            self._commands(pipe, b)
+            pipe.set(marker, b.id, ex=KEY_TTL_S)
+            await pipe.execute()
+
+    def _commands(self, pipe: Any, b: _Pending) -> None:
+        k, wid = self.k, self.wid
         wkey = k.worker(wid)
         for field in COUNTERS:
             if b.worker[field]:
@@ -171,7 +199,6 @@ class StatsPublisher:
                     pipe.hset(h, "tenant", tenant)
                 pipe.expire(h, KEY_TTL_S)
             pipe.eval(_TRIM_KEYS, 1, k.keys, TOP_KEYS, k.key(""))  # keep the hottest keys only, and their hashes
-        await pipe.execute()
 
     async def close(self) -> None:
         """A last flush, then the heartbeat goes: the worker leaves discovery at once, not after its TTL."""

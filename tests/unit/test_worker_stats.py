@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from harness.procs import start_redis, stop_process
@@ -58,7 +59,8 @@ async def test_counts_made_while_redis_is_down_arrive_when_it_is_back():
         for i in range(20):
             p.record(10, 5, 1, tenant="a", key=f"k{i % 3}")
             assert not await p.flush()  # fails fast, keeps the deltas
-        assert p.up is False and p.pending.worker["requests"] == 20
+        # the first failed batch is kept as it was tried (it may yet turn out applied), the rest pending
+        assert p.up is False and p.unsure.worker["requests"] == 1 and p.pending.worker["requests"] == 19
         url, proc = start_redis(port)
         assert await p.flush() and p.up
         w = await p.client.hgetall(Keys("t").worker("w1"))
@@ -78,7 +80,8 @@ async def test_memory_is_bounded_while_redis_is_away():
         if i % 100 == 0:
             assert not await p.flush()
     assert len(p.pending.keys) == 10 and len(p.pending.tenants) == 5 and len(p.pending.versions) == 5
-    assert p.pending.tenants[OTHER]["requests"] == 996 and p.pending.worker["requests"] == 1000
+    assert p.pending.tenants[OTHER]["requests"] == 995 and p.pending.worker["requests"] == 999
+    assert p.unsure.worker["requests"] == 1 and len(p.unsure.keys) == 1  # the one batch tried: request 0
     await p.client.aclose()
 
 
@@ -103,3 +106,29 @@ def test_a_label_is_the_whole_value_or_nothing():
     or any other character outside the set makes the value no label."""
     assert label("v1") == "v1" and label("acme.prod:2") == "acme.prod:2"
     assert label("v1\n") is None and label("v 1") is None and label("") is None and label("x" * 65) is None
+
+
+async def test_a_write_applied_after_its_reply_timed_out_is_not_counted_again():
+    """Redis stalls past the publisher's timeout with the MULTI/EXEC already received: it applies the write after
+    the publisher gave up on it. The retry finds the batch's number applied and drops it; later counts still
+    arrive. (DEBUG SLEEP stands for a slow fork, an AOF fsync or a network stall.)"""
+    url, proc = start_redis(extra=("--enable-debug-command", "yes"))
+    staller = redis_client(url, timeout_s=5.0)
+    p = StatsPublisher(redis_client(url, timeout_s=5.0), Keys("t"), "w1", INFO, gauges, timeout_s=0.3)
+    try:
+        await p.client.ping()
+        for _ in range(10):
+            p.record(100, 50, 5, tenant="a")
+        stall = asyncio.create_task(staller.execute_command("DEBUG", "SLEEP", "1.0"))
+        await asyncio.sleep(0.1)
+        assert not await p.flush()  # timed out; Redis applies it when the sleep ends
+        await stall
+        p.record(100, 50, 5, tenant="a")
+        assert await p.flush()
+        w = await p.client.hgetall(Keys("t").worker("w1"))
+        assert w["requests"] == "11" and (await p.client.hgetall(Keys("t").tenant("a")))["requests"] == "11"
+        assert await p.flush() and (await p.client.hgetall(Keys("t").worker("w1")))["requests"] == "11"
+    finally:
+        await staller.aclose()
+        await p.client.aclose()
+        stop_process(proc)
