@@ -21,7 +21,7 @@ import logging
 import os
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any
 
 from protocol.engines import KINDS
@@ -46,7 +46,10 @@ class SharedState:
         self.max_log = max_log
         self.discover = discover
         self.id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.pending: deque[bytes] = deque(maxlen=max_pending)
+        # (sequence number, record): a resent batch keeps its numbers, so readers skip what they already applied
+        self.pending: deque[tuple[int, bytes]] = deque(maxlen=max_pending)
+        self._seq = 0
+        self._seen: OrderedDict[str, int] = OrderedDict()  # replica -> the highest number applied from it
         self.last_id = "0-0"
         self.static = set(pool.workers)
         self.discovered: set[str] = set()
@@ -61,7 +64,8 @@ class SharedState:
     def _queue(self, rec: DecisionRecord) -> None:
         if len(self.pending) == self.pending.maxlen:
             self.dropped += 1
-        self.pending.append(rec.to_json())
+        self._seq += 1
+        self.pending.append((self._seq, rec.to_json()))
 
     async def load(self, chunk: int = 5000) -> int:
         """Apply the whole stream (a starting router); returns the records applied. Workers are discovered first:
@@ -93,8 +97,9 @@ class SharedState:
             self.pending.clear()
             try:
                 pipe = self.client.pipeline(transaction=False)
-                for data in batch:
-                    pipe.xadd(self.stream, {"r": self.id, "d": data}, maxlen=self.max_log, approximate=True)
+                for seq, data in batch:
+                    pipe.xadd(self.stream, {"r": self.id, "s": seq, "d": data}, maxlen=self.max_log,
+                              approximate=True)
                 await pipe.execute()
             except BaseException:
                 newer = list(self.pending)
@@ -120,9 +125,18 @@ class SharedState:
         if self.policy is None:
             return n
         for _, fields in entries:
-            if not own_too and fields.get("r") == self.id:
+            replica = fields.get("r")
+            if not own_too and replica == self.id:
                 continue
             try:
+                seq = int(fields.get("s") or 0)
+                if seq:  # a batch resent after a lost reply: its entries come again, with the numbers they had
+                    if seq <= self._seen.get(replica, 0):
+                        continue
+                    self._seen[replica] = seq
+                    self._seen.move_to_end(replica)
+                    if len(self._seen) > 4096:  # replicas ever seen (each restart is a new one)
+                        self._seen.popitem(last=False)
                 rec = DecisionRecord.from_json(fields["d"])
             except (KeyError, ValueError, TypeError, OverflowError):
                 self.invalid += 1  # another version's or a damaged record: skipped, the rest still apply

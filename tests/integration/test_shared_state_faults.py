@@ -123,7 +123,7 @@ async def test_decisions_queued_while_redis_is_away_are_kept_in_order():
         await s.sync()
     for i in range(3, 7):
         s._queue(DecisionRecord(now, W1, b"g", [i], [16], None))
-    assert [DecisionRecord.from_json(d).blocks[0] for d in s.pending] == [2, 3, 4, 5, 6]  # the newest five
+    assert [DecisionRecord.from_json(d).blocks[0] for _, d in s.pending] == [2, 3, 4, 5, 6]  # the newest five
     assert s.dropped == 2
     await client.aclose()
 
@@ -142,8 +142,29 @@ async def test_decisions_made_while_a_full_queue_is_being_sent_are_kept(redis_ur
         s._queue(DecisionRecord(now, W1, b"g", [i], [16], None))
     await sending
     sent = [DecisionRecord.from_json(f["d"]).blocks[0] for _, f in await client.xrange(s.stream)]
-    assert sent == [0, 1, 2, 3, 4] and [DecisionRecord.from_json(d).blocks[0] for d in s.pending] == [5, 6, 7]
+    assert sent == [0, 1, 2, 3, 4] and [DecisionRecord.from_json(d).blocks[0] for _, d in s.pending] == [5, 6, 7]
     await s.sync()
     assert [DecisionRecord.from_json(f["d"]).blocks[0] for _, f in await client.xrange(s.stream)] == list(range(8))
     await client.aclose()
     await blocker.aclose()
+
+
+async def test_a_batch_resent_after_its_reply_was_lost_is_applied_once(redis_url):
+    """The send's reply is lost after Redis appended the batch (a timeout): the batch is sent again. Readers apply
+    each decision once."""
+    client = redis_client(redis_url)
+    writer, reader = state(client), state(client)
+    now = writer.policy.rates.clock()
+    for i in range(4):
+        writer._queue(DecisionRecord(now, W1, b"g", [i], [16], None))
+    batch = list(writer.pending)
+    await writer.sync()
+    writer.pending.extend(batch)  # as a failed send leaves it: the same entries, the same numbers
+    writer._queue(DecisionRecord(now, W1, b"g", [9], [16], None))
+    await writer.sync()
+    assert len(await client.xrange(writer.stream)) == 9
+    await reader.sync()
+    assert reader.applied == 5 and reader.policy.rates.rate(b"g") == 5
+    fresh = state(client)
+    assert await fresh.load() == 5
+    await client.aclose()
