@@ -4,6 +4,7 @@ real tokenizer, statistics on a case with known answers, synthetic workloads, CL
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -131,32 +132,37 @@ def test_workers_option_reaches_the_report():
         assert parse(cmd).workers is None
 
 
+@contextlib.asynccontextmanager
+async def completions_server():
+    """A streaming /v1/completions on 127.0.0.1 that names no worker: one token, its usage, [DONE]."""
+    from aiohttp import web
+
+    async def complete(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices":[{"index":0,"text":"x"}]}\n\n')
+        await resp.write(b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n')
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", complete)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
 def test_a_response_without_the_worker_header_names_no_worker():
     """Straight to a server that sends no `x-prefixroute-worker` (a worker, another router): the worker is "",
     not the URL, so the report cannot mistake the whole run for one worker's."""
-    from aiohttp import web
-
     async def go() -> list[Result]:
-        async def complete(request: web.Request) -> web.StreamResponse:
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await resp.prepare(request)
-            await resp.write(b'data: {"choices":[{"index":0,"text":"x"}]}\n\n')
-            await resp.write(b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n')
-            await resp.write(b"data: [DONE]\n\n")
-            return resp
-
-        app = web.Application()
-        app.router.add_post("/v1/completions", complete)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        try:
+        async with completions_server() as url:
             jobs = [Job(0.0, "/v1/completions", {"prompt": "hi", "max_tokens": 1}) for _ in range(3)]
-            return await replay(f"http://127.0.0.1:{port}", jobs, concurrency=1, timeout_s=30)
-        finally:
-            await runner.cleanup()
+            return await replay(url, jobs, concurrency=1, timeout_s=30)
 
     rs = asyncio.run(go())
     assert [r.ok for r in rs] == [True] * 3 and {r.worker for r in rs} == {""}
@@ -167,27 +173,11 @@ def test_a_response_without_the_worker_header_names_no_worker():
 def test_an_open_loop_client_that_falls_behind_reports_its_lag():
     """The client's loop stalls for 0.3 s (a busy CPU): requests due meanwhile go out late. Their TTFT counts from
     the send, so the summary reports the lag; a closed-loop run has no schedule and reports none."""
-    from aiohttp import web
-
     async def go(concurrency: int | None) -> list[Result]:
-        async def complete(request: web.Request) -> web.StreamResponse:
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await resp.prepare(request)
-            await resp.write(b'data: {"choices":[{"index":0,"text":"x"}]}\n\ndata: [DONE]\n\n')
-            return resp
-
-        app = web.Application()
-        app.router.add_post("/v1/completions", complete)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        try:
+        async with completions_server() as url:
             jobs = [Job(0.02 * i, "/v1/completions", {"prompt": "hi", "max_tokens": 1}) for i in range(10)]
             asyncio.get_running_loop().call_later(0.05, time.sleep, 0.3)
-            return await replay(f"http://127.0.0.1:{runner.addresses[0][1]}", jobs, concurrency=concurrency,
-                                timeout_s=30)
-        finally:
-            await runner.cleanup()
+            return await replay(url, jobs, concurrency=concurrency, timeout_s=30)
 
     rs = asyncio.run(go(None))
     s = summarize(rs, 1.0)
