@@ -50,17 +50,6 @@ class _Pending:
     def empty(self) -> bool:
         return not (self.worker or self.tenants or self.versions or self.keys)
 
-    def merge(self, other: _Pending, max_keys: int) -> None:
-        self.worker.update(other.worker)
-        for mine, theirs in ((self.tenants, other.tenants), (self.versions, other.versions)):
-            for name, c in theirs.items():
-                mine.setdefault(name, Counter()).update(c)
-        for k, (tenant, c) in other.keys.items():
-            if k in self.keys:
-                self.keys[k][1].update(c)
-            elif len(self.keys) < max_keys:
-                self.keys[k] = (tenant, c)
-
 
 class StatsPublisher:
     def __init__(self, client: Any, keys: Keys, worker_id: str, info: dict[str, Any],
